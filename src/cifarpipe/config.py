@@ -1,0 +1,193 @@
+"""The typed schema of params.yaml: every key, its type and its allowed range.
+
+params.yaml is the one source of truth for hyperparameters. Each stage loads the file through
+`load_params`, which rejects unknown keys, wrong types and impossible values *before any work
+starts*, naming the key and the value, e.g.
+
+    params.yaml: split.val_fraction = 1.5: must be > 0 and < 1
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad params, bad archive, unreachable URL): printed without traceback."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a typo such as `lrr:` is an error, not a silently ignored key.
+    # strict=True: "0.1" (a string) is not accepted where a float is expected.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+_SCHEMES = ("http", "https", "file", "")
+
+
+class DataParams(_Strict):
+    url: str
+    md5: str
+    retries: int = Field(ge=0, le=10)  # extra attempts after a network failure
+    timeout_s: float = Field(gt=0)  # per network read, seconds
+
+    @field_validator("md5")
+    @classmethod
+    def _md5(cls, v: str) -> str:
+        if not _MD5.match(v):
+            raise ValueError("must be 32 lowercase hex digits")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        scheme = urlparse(v).scheme
+        # A one-letter scheme is a Windows drive ("C:\\data\\cifar.tar.gz"): a plain local path.
+        if scheme not in _SCHEMES and len(scheme) != 1:
+            raise ValueError(f"unsupported URL scheme {scheme!r}: use http(s)://, file:// or a local path")
+        return v
+
+
+class SplitParams(_Strict):
+    val_fraction: float = Field(gt=0, lt=1)
+    seed: int = Field(ge=0)
+
+
+class ModelParams(_Strict):
+    name: Literal["course_cnn", "cifar_resnet"]
+    width: int = Field(ge=8, le=1024)  # base channel count of cifar_resnet; course_cnn ignores it
+
+
+class OptimizerParams(_Strict):
+    lr: float = Field(gt=0)
+    betas: tuple[float, float]
+    eps: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_list(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v  # YAML has lists, not tuples
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be >= 0 and < 1")
+        return v
+
+
+class SchedulerParams(_Strict):
+    mode: Literal["max", "min"]  # "max": stepped on validation accuracy
+    patience: int = Field(ge=0)
+    threshold: float = Field(ge=0)
+    factor: float = Field(gt=0, lt=1)
+
+
+class AugmentParams(_Strict):
+    enabled: bool
+    crop_padding: int = Field(ge=0, le=16)  # pixels of zero padding before the random 32x32 crop
+    flip: bool
+
+
+class TrainParams(_Strict):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    seed: int = Field(ge=0)
+    device: Literal["auto", "cuda", "mps", "cpu"]
+    log_every: int = Field(ge=0)  # print the running loss every N batches; 0 turns it off
+    loader: Literal["device", "dataloader"]
+    num_workers: int = Field(ge=0)  # only for loader=dataloader
+    augment: AugmentParams
+    label_smoothing: float = Field(ge=0, lt=1)
+    amp: bool  # bf16 autocast, CUDA only
+    channels_last: bool  # CUDA only
+    compile: bool
+    deterministic: bool
+    optimizer: OptimizerParams
+    scheduler: SchedulerParams
+
+
+class EvaluateParams(_Strict):
+    batch_size: int = Field(ge=1)
+    tta_flip: bool  # average the logits of each image and its mirror
+
+
+class TrackingParams(_Strict):
+    experiment: str = Field(min_length=1)
+
+
+class Params(_Strict):
+    data: DataParams
+    split: SplitParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    tracking: TrackingParams
+
+
+def _describe(err: dict[str, Any], source: str) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key {key!r}"
+    if err["type"] == "missing":
+        return f"{source}: missing key {key!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{source}: {key} = {err.get('input')!r}: {msg}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a parsed params mapping; raise UserError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise UserError("\n".join(_describe(err, source) for err in e.errors())) from None
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-3` is a string; DVC (ruamel, YAML 1.2) reads it as a float.
+    Resolve floats the YAML 1.2 way so `lr: 3e-4` means the same to us as to `dvc exp run -S`."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?$"
+               r"|^[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)$"
+               r"|^[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Yaml12Loader)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    return parse_params(raw, str(path))
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """{"train.optimizer.lr": 0.001, ...}: the dotted names MLflow logs."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = list(value) if isinstance(value, tuple) else value
+
+    walk("", params.model_dump())
+    return out

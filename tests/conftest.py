@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny official-format archives, a loopback HTTP server, a shrunk project copy."""
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cifar_archive import build_archive  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the environment's bin/: `python`, `dvc`, `mlflow` of this install
+
+
+@dataclass
+class Server:
+    root: Path
+    url: str
+    requests: list[str] = field(default_factory=list)
+    fail_next: list[int] = field(default_factory=list)  # status codes to answer before serving normally
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    server_state: Server
+
+    def do_GET(self) -> None:
+        self.server_state.requests.append(self.path)
+        if self.server_state.fail_next:
+            self.send_error(self.server_state.fail_next.pop(0))
+            return
+        super().do_GET()
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[Server]:
+    """A loopback HTTP server over a temporary folder; records request paths."""
+    root = tmp_path / "www"
+    root.mkdir()
+    state = Server(root, "")
+    handler = type("Handler", (_Handler,), {"server_state": state})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory) -> tuple[Path, str]:
+    """500 train / 100 test images in the official layout, and the archive's MD5."""
+    path = tmp_path_factory.mktemp("archive") / "cifar-10-python.tar.gz"
+    return path, build_archive(path)
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 600
+        ) -> subprocess.CompletedProcess:
+    """Run a command the way a user would, with this environment's tools first on PATH."""
+    # A git identity for the commits `dvc exp run` makes, on machines that have none configured.
+    identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@example.com",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    full_env = {**identity, **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                "PYTHONUNBUFFERED": "1"}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env.pop("MLFLOW_RUN_ID", None)
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def set_params(project: Path, **dotted) -> None:
+    """Shrink or change the real params.yaml: set_params(p, **{"train.epochs": 2})."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for key, value in dotted.items():
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def git_commit(project: Path, message: str = "test state") -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=test", "commit", "-qm", message], project)
+
+
+@pytest.fixture
+def project(tmp_path: Path, tiny_archive, http_server: Server) -> Path:
+    """A git repo holding a copy of this project (its tracked files), with the real params.yaml
+    shrunk: the tiny archive served over loopback HTTP, course_cnn, 2 epochs."""
+    dest = tmp_path / "project"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if rel.startswith("tests/") or not (REPO / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
+    archive, md5 = tiny_archive
+    shutil.copy(archive, http_server.root / archive.name)
+    set_params(dest, **{"data.url": f"{http_server.url}/{archive.name}", "data.md5": md5, "data.retries": 0,
+                        "model.name": "course_cnn", "train.epochs": 2, "train.batch_size": 32,
+                        "train.log_every": 0, "evaluate.batch_size": 50})
+    run(["git", "init", "-q"], dest)
+    git_commit(dest, "project copy")
+    return dest

@@ -1,0 +1,79 @@
+"""params.yaml is validated before any work: every mistake names its key and value."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import REPO, run, set_params
+from cifarpipe.config import UserError, flatten, load_params, parse_params
+
+
+def real_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_the_real_params_file_is_valid_and_keeps_the_course_recipe():
+    p = load_params(REPO / "params.yaml")
+    assert (p.split.val_fraction, p.split.seed) == (0.15, 2025)
+    assert p.data.md5 == "c58f30108f718f92721af3b95e74349a"
+    assert p.data.url == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    o, s = p.train.optimizer, p.train.scheduler
+    assert (o.lr, o.betas, o.eps, o.weight_decay) == (1e-3, (0.9, 0.999), 1e-8, 0.0)
+    assert (s.mode, s.patience, s.threshold, s.factor) == ("max", 3, 1e-4, 0.1)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("split.val_fraction", 1.5, "split.val_fraction = 1.5: Input should be less than 1"),
+    ("split.val_fraction", 0, "split.val_fraction = 0: Input should be greater than 0"),
+    ("data.md5", "not-a-checksum", "data.md5 = 'not-a-checksum': must be 32 lowercase hex digits"),
+    ("data.url", "ftp://example.org/c.tgz", "data.url = 'ftp://example.org/c.tgz': unsupported URL scheme 'ftp'"),
+    ("train.epochs", "10", "train.epochs = '10': Input should be a valid integer"),
+    ("train.optimizer.lr", -1.0, "train.optimizer.lr = -1.0: Input should be greater than 0"),
+    ("train.optimizer.betas", [0.9, 1.5], "train.optimizer.betas = [0.9, 1.5]: each beta must be >= 0 and < 1"),
+    ("train.augment.flip", "yes", "train.augment.flip = 'yes': Input should be a valid boolean"),
+    ("model.name", "vgg", "model.name = 'vgg': Input should be 'course_cnn' or 'cifar_resnet'"),
+])
+def test_bad_values_are_rejected_naming_key_and_value(key, value, message):
+    raw = real_params()
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(UserError) as e:
+        parse_params(raw)
+    assert message in str(e.value)
+
+
+def test_unknown_and_missing_keys_are_named():
+    raw = real_params()
+    raw["train"]["lrr"] = 0.1
+    del raw["split"]["seed"]
+    with pytest.raises(UserError) as e:
+        parse_params(raw)
+    assert "unknown key 'train.lrr'" in str(e.value)
+    assert "missing key 'split.seed'" in str(e.value)
+
+
+def test_yaml_1_2_floats_are_numbers(tmp_path):
+    # PyYAML alone reads `3e-4` as a string; DVC (YAML 1.2) writes and reads it as a float.
+    text = (REPO / "params.yaml").read_text().replace("lr: 0.001", "lr: 3e-4")
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml").train.optimizer.lr == 3e-4
+
+
+def test_flatten_uses_dotted_names():
+    flat = flatten(load_params(REPO / "params.yaml"))
+    assert flat["train.optimizer.lr"] == 1e-3
+    assert flat["train.optimizer.betas"] == [0.9, 0.999]
+    assert flat["split.seed"] == 2025
+
+
+def test_a_stage_with_bad_params_stops_before_any_work_without_traceback(project):
+    set_params(project, **{"split.val_fraction": 2.0})
+    proc = run(["python", "stages/download.py", "--archive", "data/raw/a.tar.gz", "--out", "data/cifar10.npz"],
+               project, check=False)
+    assert proc.returncode == 2
+    assert "error: params.yaml: split.val_fraction = 2.0: Input should be less than 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (project / "data").exists()  # nothing downloaded, nothing written
