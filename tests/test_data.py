@@ -1,0 +1,155 @@
+"""The real download and archive code against archives served over loopback HTTP."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+
+from cifar_archive import build_archive, evil_pickle, expected_arrays
+from cifarpipe import data
+from cifarpipe.config import UserError
+
+
+def serve(server, archive):
+    shutil.copy(archive, server.root / archive.name)
+    return f"{server.url}/{archive.name}"
+
+
+def test_download_verifies_streams_and_reports_progress(http_server, tiny_archive, tmp_path):
+    archive, md5 = tiny_archive
+    url = serve(http_server, archive)
+    dest = tmp_path / "out" / "c.tar.gz"
+    seen = []
+    assert data.download(url, dest, md5, progress=lambda done, total: seen.append((done, total))) is True
+    assert dest.read_bytes() == archive.read_bytes()
+    assert seen[-1] == (archive.stat().st_size, archive.stat().st_size)
+    assert list(dest.parent.iterdir()) == [dest]  # no temporary left
+
+
+def test_a_present_valid_archive_is_not_fetched_again(http_server, tiny_archive, tmp_path):
+    archive, md5 = tiny_archive
+    url = serve(http_server, archive)
+    dest = tmp_path / "c.tar.gz"
+    data.download(url, dest, md5)
+    assert data.download(url, dest, md5) is False
+    assert len(http_server.requests) == 1
+
+
+def test_wrong_md5_names_both_and_leaves_nothing(http_server, tiny_archive, tmp_path):
+    archive, md5 = tiny_archive
+    url = serve(http_server, archive)
+    dest = tmp_path / "dl" / "c.tar.gz"
+    wrong = "0" * 32
+    with pytest.raises(data.ChecksumError) as e:
+        data.download(url, dest, wrong)
+    assert f"expected md5 {wrong}, got {md5}" in str(e.value)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_network_failure_names_the_url_after_retries(tmp_path):
+    url = "http://127.0.0.1:9/cifar.tar.gz"  # port 9 (discard): nothing listens, connection refused
+    with pytest.raises(UserError) as e:
+        data.download(url, tmp_path / "c.tar.gz", "0" * 32, retries=2, backoff_s=0.01)
+    assert f"could not download {url}" in str(e.value) and "attempt 3 of 3" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_server_errors_are_retried_not_found_is_not(http_server, tiny_archive, tmp_path):
+    archive, md5 = tiny_archive
+    url = serve(http_server, archive)
+    http_server.fail_next = [503]
+    assert data.download(url, tmp_path / "c.tar.gz", md5, retries=1, backoff_s=0.01)
+    assert len(http_server.requests) == 2
+    with pytest.raises(UserError, match="attempt 1 of 3"):
+        data.download(f"{http_server.url}/missing.tar.gz", tmp_path / "m.tar.gz", md5, retries=2, backoff_s=0.01)
+
+
+def test_file_url_and_plain_path_work(tiny_archive, tmp_path):
+    archive, md5 = tiny_archive
+    assert data.download(archive.as_uri(), tmp_path / "a.tar.gz", md5)
+    assert data.download(str(archive), tmp_path / "b.tar.gz", md5)
+
+
+def test_arrays_match_the_pickled_images(tiny_archive):
+    archive, _ = tiny_archive
+    a = data.arrays_from_archive(archive)
+    train_x, train_y, test_x, test_y = expected_arrays()
+    assert a.train_images.shape == (500, 32, 32, 3) and a.train_images.dtype == np.uint8
+    np.testing.assert_array_equal(a.train_images, train_x)
+    np.testing.assert_array_equal(a.train_labels, train_y)
+    np.testing.assert_array_equal(a.test_images, test_x)
+    np.testing.assert_array_equal(a.test_labels, test_y)
+    assert a.classes[0] == "airplane" and len(a.classes) == 10
+    assert sum(data.class_counts(a.train_labels)) == 500
+
+
+def test_save_and_load_round_trip(tiny_archive, tmp_path):
+    a = data.arrays_from_archive(tiny_archive[0])
+    data.save_arrays(a, tmp_path / "c.npz")
+    b = data.load_arrays(tmp_path / "c.npz")
+    np.testing.assert_array_equal(a.train_images, b.train_images)
+    assert a.classes == b.classes
+
+
+def test_truncated_and_non_gzip_archives_are_clear_errors(tiny_archive, tmp_path):
+    raw = tiny_archive[0].read_bytes()
+    (tmp_path / "trunc.tar.gz").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "plain.tar.gz").write_bytes(b"<html>not found</html>")
+    for name in ("trunc.tar.gz", "plain.tar.gz"):
+        with pytest.raises(UserError, match="truncated or not a gzip tar archive"):
+            data.arrays_from_archive(tmp_path / name)
+
+
+@pytest.mark.parametrize("member", ["../escape.txt", "/etc/evil", "cifar-10-batches-py/../../x"])
+def test_members_escaping_the_folder_refuse_the_archive(tmp_path, member):
+    info = tarfile.TarInfo(member)
+    info.size = 1
+    path = tmp_path / "bad.tar.gz"
+    build_archive(path, extra_members=[info])
+    with pytest.raises(data.UnsafeArchiveError, match="outside the target folder"):
+        data.arrays_from_archive(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar.gz"]
+
+
+def test_links_refuse_the_archive(tmp_path):
+    link = tarfile.TarInfo("cifar-10-batches-py/link")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    path = tmp_path / "link.tar.gz"
+    build_archive(path, extra_members=[link])
+    with pytest.raises(data.UnsafeArchiveError, match="link or special file"):
+        data.arrays_from_archive(path)
+
+
+def test_a_pickle_naming_a_forbidden_global_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.tar.gz"
+    build_archive(path, replace={"data_batch_3": evil_pickle(marker)})
+    with pytest.raises(data.UnsafeArchiveError) as e:
+        data.arrays_from_archive(path)
+    assert "data_batch_3" in str(e.value) and "os.system" in str(e.value)
+    assert not marker.exists()
+    # The same bytes through a plain unpickler would have run the command: the test is real.
+    import pickle
+    pickle.loads(evil_pickle(marker), encoding="bytes")
+    assert marker.exists()
+
+
+def test_missing_class_is_caught_on_write(tmp_path):
+    a = data.arrays_from_archive(build_and_return(tmp_path))
+    labels = a.train_labels.copy()
+    labels[labels == 3] = 4
+    with pytest.raises(UserError, match="no images of class"):
+        data.check_arrays(data.Cifar10Arrays(a.train_images, labels, a.test_images, a.test_labels, a.classes))
+
+
+def build_and_return(tmp_path):
+    path = tmp_path / "a.tar.gz"
+    build_archive(path, n_train=50, n_test=10)
+    return path
+
+
+def test_md5_helper_matches_hashlib(tiny_archive):
+    assert data.md5_of(tiny_archive[0]) == hashlib.md5(tiny_archive[0].read_bytes()).hexdigest()
