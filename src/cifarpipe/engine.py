@@ -1,0 +1,135 @@
+"""The training loop: one function trains one epoch, one evaluates. No file or MLflow I/O here.
+
+Both keep their running sums on the device and read them back once, at the end: a `.item()`
+per step would make the GPU wait for the host every step. The one exception is the course's
+running loss, printed (and so read back) once every `log_every` batches.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cifarpipe.config import OptimizerParams, SchedulerParams, UserError
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class EpochProgress:
+    """Sums of a (possibly unfinished) training epoch; saved in a mid-epoch checkpoint."""
+    step: int = 0  # optimizer steps done in this epoch
+    loss_sum: float = 0.0  # sum over images of the training loss
+    correct: int = 0
+    seen: int = 0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.seen, 1)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    predictions: np.ndarray  # predicted class per image, in batch order
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is 'cuda' but no CUDA device is available (use 'auto')")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device is 'mps' but MPS is not available (use 'auto')")
+    return torch.device(name)
+
+
+def make_deterministic() -> None:
+    """The settings that make CUDA runs bitwise repeatable (slower: no autotuned kernels)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs this for fixed reductions
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def make_optimizer(model: nn.Module, p: OptimizerParams) -> torch.optim.Adam:
+    return torch.optim.Adam(model.parameters(), lr=p.lr, betas=p.betas, eps=p.eps, weight_decay=p.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, p: SchedulerParams) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=p.mode, patience=p.patience,
+                                                      threshold=p.threshold, factor=p.factor)
+
+
+def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                    *, progress: EpochProgress | None = None, amp: bool = False, log_every: int = 0,
+                    log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None,
+                    should_stop: Callable[[], bool] = lambda: False) -> EpochProgress:
+    """Train over `batches`; continue the sums of `progress` if the epoch was interrupted before.
+
+    `on_step(step)` runs after every optimizer step (progress bar, fault injection);
+    `should_stop()` is checked after every step: True ends the epoch early (a safe point).
+    """
+    progress = progress or EpochProgress()
+    device = next(model.parameters()).device
+    loss_sum = torch.tensor(progress.loss_sum, device=device)
+    correct = torch.tensor(progress.correct, device=device)
+    running = torch.zeros((), device=device)
+    step, seen = progress.step, progress.seen
+    model.train()
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        loss.backward()
+        optimizer.step()
+
+        loss_sum += loss.detach().float() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        running += loss.detach().float()
+        seen += len(y)
+        step += 1
+        if log_every and step % log_every == 0:
+            log(f"  batch {step:5d}: running loss {running.item() / log_every:.3f}")
+            running.zero_()
+        if on_step:
+            on_step(step)
+        if should_stop():
+            break
+    return EpochProgress(step, loss_sum.item(), int(correct.item()), seen)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False, tta_flip: bool = False) -> EvalResult:
+    """Mean cross-entropy and accuracy over `batches`, with the model in eval mode."""
+    device = next(model.parameters()).device
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    preds, n, correct = [], 0, torch.zeros((), device=device, dtype=torch.long)
+    for x, y in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+            if tta_flip:  # average with the mirror image: flips are label-preserving in CIFAR-10
+                logits = (logits + model(x.flip(3))) / 2
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        pred = logits.argmax(1)
+        correct += (pred == y).sum()
+        preds.append(pred)
+        n += len(y)
+    return EvalResult(loss_sum.item() / max(n, 1), correct.item() / max(n, 1), torch.cat(preds).cpu().numpy())

@@ -1,0 +1,229 @@
+"""Everything MLflow: one run per training job, resumed as the same run, logged without stalling.
+
+Store: whatever MLflow resolves (MLFLOW_TRACKING_URI, else MLflow 3's default `sqlite:///mlflow.db`
+in the working directory, which `mlflow ui` started in the repo root shows with no arguments).
+
+Metrics are logged from a background thread once per epoch. If the store goes away mid-run,
+training goes on: the values stay queued and are sent with the next epoch's batch; whatever is
+still unsent at the end is written to a JSON file beside the checkpoints, with a message.
+Because the checkpoint's history is the source of truth, a resumed job re-sends exactly the
+(metric, epoch) pairs the run lacks: no duplicates, no gaps.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cifarpipe import atomic
+from cifarpipe.config import UserError
+
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
+                 "images_per_second")
+_MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+@contextlib.contextmanager
+def _fail_fast_http():
+    """For the reachability check: one try, 10 s, instead of MLflow's default 7 retries with backoff."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def connect() -> MlflowClient:
+    """A client for the store, after proving it answers; a clear error naming the URI if not."""
+    uri = tracking_uri()
+    try:
+        with _fail_fast_http():
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
+    except Exception as e:
+        raise UserError(f"the MLflow tracking store {uri} is unreachable ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}). Start it, or unset MLFLOW_TRACKING_URI "
+                        "to use the local ./mlflow.db. Nothing was trained.") from None
+    return client
+
+
+def git_state() -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(dirty)).lower()}
+    except (OSError, subprocess.CalledProcessError):
+        return {"mlflow.source.git.commit": "unknown", "git_dirty": "unknown"}
+
+
+def requirements_text() -> str:
+    """`name==version` of every installed distribution: what reproduces the environment."""
+    pkgs = {(d.metadata["Name"] or "").lower(): d.version for d in importlib.metadata.distributions()}
+    return "".join(f"{n}=={v}\n" for n, v in sorted(pkgs.items()) if n)
+
+
+def environment_tags(device_name: str) -> dict[str, str]:
+    import torch
+
+    return {"device": device_name, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda or "none", "host_platform": platform.platform()}
+
+
+class Tracker:
+    """One MLflow run of a training job (new, resumed, or the one `mlflow run` created)."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self._pending: list[Metric] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
+        self._warned = False
+        self.failures = 0
+
+    # ------------------------------------------------------------ lifecycle
+    @classmethod
+    def start(cls, client: MlflowClient, experiment: str, resume_run_id: str | None, log=print) -> "Tracker":
+        """Resume `resume_run_id` if the store still has it; else adopt MLFLOW_RUN_ID (under
+        `mlflow run .`); else create a new run in `experiment`."""
+        for run_id, why in ((resume_run_id, "resuming"), (os.environ.get("MLFLOW_RUN_ID"), "mlflow run")):
+            if not run_id:
+                continue
+            try:
+                run = client.get_run(run_id)
+            except MlflowException:
+                log(f"MLflow run {run_id} ({why}) is not in {tracking_uri()}; starting a new run")
+                continue
+            if run.info.lifecycle_stage != "active":
+                log(f"MLflow run {run_id} ({why}) was deleted; starting a new run")
+                continue
+            client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            return cls(client, run_id)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        run = client.create_run(exp_id)
+        return cls(client, run.info.run_id)
+
+    def log_start(self, params: dict[str, Any], tags: dict[str, str], requirements: str) -> None:
+        """Params (flattened, dotted), reproducibility tags and the requirements artifact."""
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), 100):  # MLflow takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=new[i:i + 100])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.log_text(requirements, "environment/requirements.txt")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    # ------------------------------------------------------------ metrics
+    def logged_steps(self) -> dict[str, set[int]]:
+        return {k: {m.step for m in self.client.get_metric_history(self.run_id, k)} for k in EPOCH_METRICS}
+
+    def queue_history(self, history: list[dict[str, float]], skip: dict[str, set[int]] | None = None) -> None:
+        """Queue per-epoch rows (each with 'epoch', 1-based) and send them in the background."""
+        now = int(time.time() * 1000)
+        skip = skip or {}
+        with self._lock:
+            for row in history:
+                step = int(row["epoch"])
+                self._pending += [Metric(k, float(row[k]), now, step) for k in EPOCH_METRICS
+                                  if k in row and step not in skip.get(k, ())]
+        self._pool.submit(self._flush)
+
+    def _flush(self) -> bool:
+        with self._lock:
+            batch = list(self._pending)
+        try:
+            for i in range(0, len(batch), _MAX_BATCH):
+                self.client.log_batch(self.run_id, metrics=batch[i:i + _MAX_BATCH])
+        except Exception as e:  # store down: keep the values, try again with the next epoch
+            self.failures += 1
+            if not self._warned:
+                print(f"warning: MLflow store {tracking_uri()} failed ({type(e).__name__}); training goes on, "
+                      "metrics are kept and sent when it answers again", file=sys.stderr)
+                self._warned = True
+            return False
+        with self._lock:
+            del self._pending[:len(batch)]
+        return True
+
+    def drain(self, attempts: int = 3, pause_s: float = 2.0, fallback: Path | None = None) -> bool:
+        """Wait for queued metrics to land; retry a few times; else save them to `fallback`."""
+        self._pool.submit(lambda: None).result()
+        for attempt in range(attempts):
+            with self._lock:
+                if not self._pending:
+                    return True
+            if self._pool.submit(self._flush).result():
+                return True
+            time.sleep(pause_s * (attempt + 1))
+        with self._lock:
+            rows = [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp} for m in self._pending]
+        if fallback is not None and rows:
+            atomic.write_text(fallback, json.dumps({"run_id": self.run_id, "metrics": rows}, indent=1))
+            print(f"warning: {len(rows)} metric values could not be sent to {tracking_uri()}; they are "
+                  f"saved in {fallback}, and the per-epoch history is in the history CSV", file=sys.stderr)
+        return False
+
+    # ------------------------------------------------------------ artifacts
+    def log_artifact(self, path: Path, artifact_path: str | None = None, background: bool = False) -> None:
+        def job() -> None:
+            try:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+            except Exception as e:  # an artifact failing must never cost the checkpoint on disk
+                print(f"warning: could not log artifact {path} to MLflow ({type(e).__name__}: {e})", file=sys.stderr)
+
+        if background:
+            self._pool.submit(job)
+        else:
+            self._pool.submit(lambda: None).result()  # keep order with queued jobs
+            job()
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_model(self, model, input_example, code_dir: Path) -> str:
+        """The final model with signature and input example; `code_dir` ships the model's classes."""
+        import torch
+
+        from mlflow.models import infer_signature
+
+        model = model.eval()
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).numpy()
+        signature = infer_signature(input_example, output)
+        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+            info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example,
+                                            code_paths=[str(code_dir)],
+                                            pip_requirements=[f"torch=={importlib.metadata.version('torch')}", "numpy"])
+        # start_run's exit marked the run FINISHED; the job may still be running (evaluate follows).
+        return info.model_uri

@@ -1,0 +1,124 @@
+"""The real pipeline end to end: `dvc repro`, `dvc exp run`, `mlflow run .` on a tiny archive over loopback HTTP."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import git_commit, run, set_params
+from cifarpipe.tracking import EPOCH_METRICS
+
+
+def store(project) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+
+
+def all_runs(project):
+    """Runs in every experiment of the store: a stray run anywhere counts."""
+    client = store(project)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def ran(stdout: str) -> set[str]:
+    return {s for s in ("download", "split", "train", "evaluate") if f"Running stage '{s}'" in stdout}
+
+
+def assert_complete_run(project, run, epochs: int):
+    client = store(project)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.optimizer.lr"] and params["split.seed"] == "2025" and params["data.md5"]
+    assert params["train.epochs"] == str(epochs)
+    for key in EPOCH_METRICS:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == list(range(1, epochs + 1)), key  # one value per epoch, no gaps, no duplicates
+    assert {"test_accuracy", "test_loss"} <= run.data.metrics.keys()
+    tags = run.data.tags
+    assert tags["data_md5"] == params["data.md5"] and len(tags["split_hash"]) == 16
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git_dirty"] in ("true", "false")
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert arts == {"checkpoints/last.pt", "checkpoints/best.pt"}
+    evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/per_class.csv", "evaluation/confusion.png", "evaluation/metrics.json"} <= evaluation
+    reqs = client.download_artifacts(run.info.run_id, "environment/requirements.txt", str(project / "dl"))
+    assert "torch==2.14.1" in open(reqs).read()
+
+
+def test_data_stages_download_once_and_write_the_split(project, http_server):
+    out = run(["dvc", "repro", "split"], project).stdout
+    assert ran(out) == {"download", "split"}
+    assert "verified" in out and "airplane" in out
+    with np.load(project / "data/cifar10.npz") as z:
+        assert z["train_images"].shape == (500, 32, 32, 3) and z["test_images"].dtype == np.uint8
+    split = json.loads((project / "data/split.json").read_text())
+    assert len(split["val"]) == 75 and sorted(split["train"] + split["val"]) == list(range(500))
+    assert len((project / "data/split_hash.txt").read_text().strip()) == 16
+
+    again = run(["dvc", "repro", "split"], project).stdout
+    assert ran(again) == set()
+    assert len(http_server.requests) == 1
+
+
+def test_dvc_repro_trains_evaluates_and_tracks_one_complete_run(project, monkeypatch):
+    out = run(["dvc", "repro"], project).stdout
+    assert ran(out) == {"download", "split", "train", "evaluate"}
+    runs = all_runs(project)
+    assert len(runs) == 1
+    assert_complete_run(project, runs[0], epochs=2)
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    assert '"accuracy"' in json.dumps(metrics) and "outputs/metrics.json" in json.dumps(metrics)
+    test_acc = json.loads((project / "outputs/metrics.json").read_text())["accuracy"]
+    assert runs[0].data.metrics["test_accuracy"] == pytest.approx(test_acc)
+    assert test_acc > 0.3  # ten mean colours are easy: far above chance (0.1) even in 2 epochs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    model = mlflow.pytorch.load_model(f"runs:/{runs[0].info.run_id}/model", dst_path=str(project / "m"))
+    import torch
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+    # A second repro does nothing and makes no MLflow run.
+    again = run(["dvc", "repro"], project).stdout
+    assert ran(again) == set() and len(all_runs(project)) == 1
+
+    # A train param reruns train and evaluate only; split.seed reruns split onward.
+    set_params(project, **{"train.optimizer.lr": 0.002})
+    assert ran(run(["dvc", "repro"], project).stdout) == {"train", "evaluate"}
+    set_params(project, **{"split.seed": 7})
+    assert ran(run(["dvc", "repro"], project).stdout) == {"split", "train", "evaluate"}
+    assert len(all_runs(project)) == 3
+
+
+def test_dvc_exp_run_lands_in_mlflow_with_its_params(project):
+    run(["dvc", "repro"], project)
+    git_commit(project, "baseline results")
+    run(["dvc", "exp", "run", "-S", "train.optimizer.lr=3e-4"], project)
+    runs = all_runs(project)
+    lrs = sorted(r.data.params["train.optimizer.lr"] for r in runs)
+    assert lrs == ["0.0003", "0.001"]
+    shown = run(["dvc", "exp", "show", "--json"], project).stdout
+    assert "0.0003" in shown
+
+
+def test_mlflow_run_yields_exactly_one_complete_run(project):
+    run(["dvc", "repro", "split"], project)  # the data stages, as a user would have them cached
+    git_commit(project, "data")
+    proc = run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "cifar10", "-P", "epochs=1", "-P", "lr=0.002"], project,
+               env={"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"})
+    runs = all_runs(project)
+    assert len(runs) == 1, proc.stdout + proc.stderr
+    r = runs[0]
+    assert_complete_run(project, r, epochs=1)
+    assert r.data.params["train.optimizer.lr"] == "0.002"
+    assert r.data.params["epochs"] == "1"  # MLflow's own record of the -P value
+    assert "0.002" in run(["dvc", "exp", "show", "--json"], project).stdout
+
+    # Again with the same params: DVC has the results cached, yet the new run is complete too.
+    run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "cifar10", "-P", "epochs=1", "-P", "lr=0.002"], project,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"})
+    runs = all_runs(project)
+    assert len(runs) == 2
+    for r in runs:
+        assert_complete_run(project, r, epochs=1)
