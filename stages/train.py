@@ -56,7 +56,7 @@ def main() -> int:
     for stale in atomic.remove_stale_temporaries(args.checkpoint_dir):
         print(f"removed {stale.name}, left by an interrupted write")
     last_path, best_path = args.checkpoint_dir / "last.pt", args.checkpoint_dir / "best.pt"
-    resume = checkpoint.load_for_resume(last_path, fingerprint)
+    resume, abandoned_run = checkpoint.load_for_resume(last_path, fingerprint)
 
     # ---- model, optimizer, scheduler (the course's recipe; values from params.yaml)
     if p.deterministic:
@@ -108,6 +108,8 @@ def main() -> int:
         run_id = resume["mlflow_run_id"]
         print(f"resuming from {last_path}: epoch {start_epoch + 1}, batch {progress.step} of {steps_per_epoch}")
 
+    if abandoned_run:
+        tracking.mark_abandoned(client, abandoned_run)
     tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id)
     atomic.write_text(args.run_id, tracker.run_id + "\n")
     if resume and tracker.run_id == run_id:

@@ -102,11 +102,9 @@ def git_commit(project: Path, message: str = "test state") -> None:
     run(["git", "-c", "user.email=t@example.com", "-c", "user.name=test", "commit", "-qm", message], project)
 
 
-@pytest.fixture
-def project(tmp_path: Path, tiny_archive, http_server: Server) -> Path:
+def make_project(dest: Path, archive: Path, md5: str, server: Server) -> Path:
     """A git repo holding a copy of this project (its tracked files), with the real params.yaml
     shrunk: the tiny archive served over loopback HTTP, course_cnn, 2 epochs."""
-    dest = tmp_path / "project"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for rel in files:
@@ -114,11 +112,15 @@ def project(tmp_path: Path, tiny_archive, http_server: Server) -> Path:
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, dest / rel)
-    archive, md5 = tiny_archive
-    shutil.copy(archive, http_server.root / archive.name)
-    set_params(dest, **{"data.url": f"{http_server.url}/{archive.name}", "data.md5": md5, "data.retries": 0,
+    shutil.copy(archive, server.root / archive.name)
+    set_params(dest, **{"data.url": f"{server.url}/{archive.name}", "data.md5": md5, "data.retries": 0,
                         "model.name": "course_cnn", "train.epochs": 2, "train.batch_size": 32,
                         "train.log_every": 0, "evaluate.batch_size": 50})
     run(["git", "init", "-q"], dest)
     git_commit(dest, "project copy")
     return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path, tiny_archive, http_server: Server) -> Path:
+    return make_project(tmp_path / "project", *tiny_archive, http_server)

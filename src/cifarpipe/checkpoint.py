@@ -74,28 +74,29 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
-def load_for_resume(path: Path, expected_fingerprint: str, log=print) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or None to start fresh.
+def load_for_resume(path: Path, expected_fingerprint: str, log=print) -> tuple[dict[str, Any] | None, str | None]:
+    """(checkpoint to resume or None to start fresh, MLflow run id of an abandoned unfinished job).
 
     Policy: an unfinished checkpoint with the same fingerprint is resumed. One whose params or
     data differ is never resumed silently: it is kept, renamed to `<name>.stale-<fingerprint>.pt`,
-    and training starts fresh with a message saying so. A checkpoint of a finished training is
-    the result of a previous job, so a new run (DVC reran the stage) starts fresh.
+    and training starts fresh with a message saying so; its MLflow run is returned so the caller
+    can mark it KILLED rather than leave it RUNNING. A checkpoint of a finished training is the
+    result of an earlier job, so a new run (DVC reran the stage) starts fresh.
     """
     path = Path(path)
     if not path.exists():
-        return None
+        return None, None
     ckpt = load(path)
     if ckpt.get("complete"):
         log(f"{path}: previous training finished; starting a new one")
-        return None
+        return None, None
     if ckpt.get("fingerprint") != expected_fingerprint:
         kept = path.with_name(f"{path.stem}.stale-{ckpt.get('fingerprint', 'unknown')}.pt")
         path.replace(kept)
-        log(f"{path}: made with other params or data (fingerprint {ckpt.get('fingerprint')} != "
-            f"{expected_fingerprint}); not resuming it. Kept as {kept}; starting fresh.")
-        return None
-    return ckpt
+        log(f"{path}: an unfinished training with other params or data (fingerprint {ckpt.get('fingerprint')}, "
+            f"now {expected_fingerprint}); not resuming it. Kept as {kept}; starting fresh.")
+        return None, ckpt.get("mlflow_run_id")
+    return ckpt, None
 
 
 def weights_file(model: torch.nn.Module, params: Params, mean: list[float], std: list[float],

@@ -1,8 +1,8 @@
 """Deterministic fault injection, for the tests that prove training survives SIGKILL.
 
-Set CIFARPIPE_FAULT=<point>:<epoch>[:<step>] and the training process kills itself with
+Set CIFARPIPE_FAULT=<point>:<epoch>[:<step>[:<signal>]] and the training process sends itself
 SIGKILL (no cleanup, no atexit: exactly like `kill -9` or a pre-empted machine) when it reaches
-that point. Points: `step` (after optimizer step <step> of epoch <epoch>, 1-based),
+that point; a signal name such as INT or TERM sends that signal instead. Points: `step` (after optimizer step <step> of epoch <epoch>, 1-based),
 `validation` (in the middle of validating epoch <epoch>), `checkpoint_write` (checkpoint
 bytes written to the temporary file, not yet renamed), `after_checkpoint` (checkpoint of
 <epoch> in place, before anything else). Unset (the normal case), it does nothing.
@@ -19,6 +19,8 @@ def hit(point: str, epoch: int, step: int = 0) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    name, at_epoch, *at_step = spec.split(":")
-    if name == point and int(at_epoch) == epoch and (not at_step or int(at_step[0]) == step):
-        os.kill(os.getpid(), signal.SIGKILL)
+    name, at_epoch, *rest = spec.split(":")
+    at_step = int(rest[0]) if rest and rest[0] else None
+    sig = signal.Signals[f"SIG{rest[1]}"] if len(rest) > 1 else signal.SIGKILL
+    if name == point and int(at_epoch) == epoch and at_step in (None, step):
+        os.kill(os.getpid(), sig)

@@ -93,6 +93,16 @@ def environment_tags(device_name: str) -> dict[str, str]:
             "cuda": torch.version.cuda or "none", "host_platform": platform.platform()}
 
 
+def mark_abandoned(client: MlflowClient, run_id: str) -> None:
+    """A killed job that will not be resumed: KILLED instead of RUNNING forever."""
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "abandoned", "params or data changed before it finished")
+            client.set_terminated(run_id, "KILLED")
+    except MlflowException:
+        pass  # the run is gone from this store: nothing to tidy
+
+
 class Tracker:
     """One MLflow run of a training job (new, resumed, or the one `mlflow run` created)."""
 

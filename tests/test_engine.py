@@ -1,0 +1,93 @@
+"""The training loop and the models, on tiny data on the CPU."""
+from __future__ import annotations
+
+import torch
+
+from cifarpipe import checkpoint, engine
+from cifarpipe.config import ModelParams, OptimizerParams, SchedulerParams
+from cifarpipe.models import build_model
+
+ADAM = OptimizerParams(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+PLATEAU = SchedulerParams(mode="max", patience=3, threshold=1e-4, factor=0.1)
+
+
+def tiny_batches(n=64, batch=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+def test_one_training_step_lowers_the_loss():
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="course_cnn", width=64))
+    (x, y), = tiny_batches(16, 16)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    opt = engine.make_optimizer(model, ADAM)
+    before = loss_fn(model(x), y).item()
+    engine.train_one_epoch(model, [(x, y)], opt, loss_fn)
+    assert loss_fn(model(x), y).item() < before
+
+
+def test_the_default_network_trains_a_few_steps_on_tiny_data():
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="cifar_resnet", width=16))
+    batches = tiny_batches(32, 16)
+    opt = engine.make_optimizer(model, ADAM)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    first = engine.train_one_epoch(model, batches, opt, loss_fn)
+    for _ in range(4):
+        last = engine.train_one_epoch(model, batches, opt, loss_fn)
+    assert last.loss < first.loss
+    result = engine.evaluate(model, batches)
+    assert result.predictions.shape == (32,) and 0 <= result.accuracy <= 1
+
+
+def test_epoch_sums_count_every_image_and_should_stop_ends_at_a_safe_point():
+    model = build_model(ModelParams(name="course_cnn", width=64))
+    opt = engine.make_optimizer(model, ADAM)
+    p = engine.train_one_epoch(model, tiny_batches(64, 16), opt, torch.nn.CrossEntropyLoss())
+    assert (p.step, p.seen) == (4, 64) and 0 <= p.accuracy <= 1
+    stopped = engine.train_one_epoch(model, tiny_batches(64, 16), opt, torch.nn.CrossEntropyLoss(),
+                                     should_stop=lambda: True)
+    assert (stopped.step, stopped.seen) == (1, 16)
+
+
+def test_running_loss_is_printed_every_n_batches():
+    model = build_model(ModelParams(name="course_cnn", width=64))
+    lines = []
+    engine.train_one_epoch(model, tiny_batches(64, 8), engine.make_optimizer(model, ADAM),
+                           torch.nn.CrossEntropyLoss(), log_every=4, log=lines.append)
+    assert len(lines) == 2 and "running loss" in lines[0]
+
+
+def test_checkpoint_dict_round_trips_with_weights_only_loading(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="course_cnn", width=64))
+    opt = engine.make_optimizer(model, ADAM)
+    sched = engine.make_scheduler(opt, PLATEAU)
+    engine.train_one_epoch(model, tiny_batches(), opt, torch.nn.CrossEntropyLoss())
+    sched.step(0.5)
+    ckpt = {"epoch": 3, "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
+            "scheduler_state_dict": sched.state_dict(), "loss": 1.5, "step": 0, "rng": checkpoint.rng_state(),
+            "history": [{"epoch": 1, "val_accuracy": 0.5}], "complete": False, "fingerprint": "abc"}
+    checkpoint.save(tmp_path / "c.pt", ckpt)
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)  # what a careful user would do
+    assert loaded["epoch"] == 3 and loaded["loss"] == 1.5
+    model2 = build_model(ModelParams(name="course_cnn", width=64))
+    model2.load_state_dict(loaded["model_state_dict"])
+    opt2 = engine.make_optimizer(model2, ADAM)
+    opt2.load_state_dict(loaded["optimizer_state_dict"])
+    sched2 = engine.make_scheduler(opt2, PLATEAU)
+    sched2.load_state_dict(loaded["scheduler_state_dict"])
+    assert sched2.best == 0.5
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_course_cnn_is_the_course_network():
+    m = build_model(ModelParams(name="course_cnn", width=64))
+    assert (m.conv1.in_channels, m.conv1.out_channels, m.conv1.kernel_size) == (3, 6, (5, 5))
+    assert (m.conv2.out_channels, m.fc1.in_features, m.fc1.out_features, m.fc2.out_features) == (16, 400, 120, 84)
+    assert m(torch.zeros(1, 3, 32, 32)).shape == (1, 10)

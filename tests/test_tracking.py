@@ -1,0 +1,103 @@
+"""MLflow logging that never costs training: a store that fails mid-run loses nothing."""
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cifarpipe import atomic, checkpoint
+from cifarpipe.config import UserError
+from cifarpipe.tracking import Tracker
+
+
+class FlakyClient:
+    """A real MLflow client whose metric logging fails while `down` is set, like a store that went away."""
+
+    def __init__(self, real: MlflowClient) -> None:
+        self.real, self.down, self.calls = real, False, 0
+
+    def log_batch(self, run_id, metrics=(), **kw):
+        self.calls += 1
+        if self.down and metrics:
+            raise ConnectionError("store unreachable")
+        return self.real.log_batch(run_id, metrics=metrics, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def row(epoch: int) -> dict:
+    return {"epoch": epoch, "train_loss": 1.0 / epoch, "train_accuracy": 0.1 * epoch, "val_loss": 2.0 / epoch,
+            "val_accuracy": 0.1 * epoch, "lr": 1e-3, "epoch_seconds": 1.0, "images_per_second": 100.0}
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    real = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    flaky = FlakyClient(real)
+    t = Tracker.start(flaky, "test", None)
+    yield t, flaky, real
+    t.finish()
+
+
+def test_metrics_sent_while_the_store_is_down_land_once_it_is_back(tracker, capsys):
+    t, flaky, real = tracker
+    flaky.down = True
+    t.queue_history([row(1)])
+    t.queue_history([row(2)])
+    t._pool.submit(lambda: None).result()
+    assert real.get_metric_history(t.run_id, "val_accuracy") == []
+    assert "training goes on" in capsys.readouterr().err
+    flaky.down = False
+    t.queue_history([row(3)])
+    assert t.drain()
+    steps = [m.step for m in real.get_metric_history(t.run_id, "val_accuracy")]
+    assert sorted(steps) == [1, 2, 3]  # no gaps, no duplicates
+
+
+def test_metrics_are_kept_locally_if_the_store_never_comes_back(tracker, tmp_path, capsys):
+    t, flaky, _ = tracker
+    flaky.down = True
+    t.queue_history([row(1), row(2)])
+    fallback = tmp_path / "mlflow_unlogged.json"
+    assert not t.drain(attempts=2, pause_s=0.01, fallback=fallback)
+    saved = json.loads(fallback.read_text())
+    assert saved["run_id"] == t.run_id and len(saved["metrics"]) == 2 * 7
+    assert "could not be sent" in capsys.readouterr().err
+
+
+def test_resume_resends_only_what_the_run_lacks(tracker):
+    t, _, real = tracker
+    t.queue_history([row(1)])
+    assert t.drain()
+    t.queue_history([row(1), row(2)], skip=t.logged_steps())
+    assert t.drain()
+    assert [m.step for m in real.get_metric_history(t.run_id, "train_loss")] == [1, 2]
+
+
+def test_a_failed_write_leaves_the_previous_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic.write_text(path, "good")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_open(path, "w") as f:
+            f.write("half")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text() == "good" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"epoch": 1, "step": 0, "w": torch.ones(3)})
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError, match="No space left on device.*previous file is intact"):
+        checkpoint.save(path, {"epoch": 2, "step": 0, "w": torch.zeros(3)})
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
