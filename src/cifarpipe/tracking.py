@@ -114,6 +114,17 @@ class Tracker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
         self._warned = False
         self.failures = 0
+        self.background_cpu_seconds = 0.0  # CPU time the logging thread used: what tracking costs training
+
+    def _submit(self, job):
+        def timed():
+            start = time.thread_time()
+            try:
+                return job()
+            finally:
+                self.background_cpu_seconds += time.thread_time() - start
+
+        return self._pool.submit(timed)
 
     # ------------------------------------------------------------ lifecycle
     @classmethod
@@ -163,7 +174,7 @@ class Tracker:
                 step = int(row["epoch"])
                 self._pending += [Metric(k, float(row[k]), now, step) for k in EPOCH_METRICS
                                   if k in row and step not in skip.get(k, ())]
-        self._pool.submit(self._flush)
+        self._submit(self._flush)
 
     def _flush(self) -> bool:
         with self._lock:
@@ -189,7 +200,7 @@ class Tracker:
             with self._lock:
                 if not self._pending:
                     return True
-            if self._pool.submit(self._flush).result():
+            if self._submit(self._flush).result():
                 return True
             time.sleep(pause_s * (attempt + 1))
         with self._lock:
@@ -209,7 +220,7 @@ class Tracker:
                 print(f"warning: could not log artifact {path} to MLflow ({type(e).__name__}: {e})", file=sys.stderr)
 
         if background:
-            self._pool.submit(job)
+            self._submit(job)
         else:
             self._pool.submit(lambda: None).result()  # keep order with queued jobs
             job()

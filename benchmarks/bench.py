@@ -1,0 +1,306 @@
+"""Side-by-side training benchmark on the real archive, in one run, on one device.
+
+Measures, on the same data and the same device:
+  1. the course's loop: torchvision CIFAR10 dataset + DataLoader (batch 8, 2 workers), the course
+     CNN, Adam + ReduceLROnPlateau on validation accuracy, as the course wrote it;
+  2. our engine with the course CNN (params.yaml's training settings, or --batch-size/--no-augment);
+  3. our engine with cifar_resnet (on a CPU only for --resnet-seconds: it is a GPU network);
+  4. the MLflow overhead: configuration 2 with tracking on and off (same seeds, same work).
+For each: training images/s, test accuracy after every epoch, and the training time until the
+test accuracy first reaches the course loop's final (10-epoch) test accuracy. Validation is
+part of training time (the scheduler needs it); the per-epoch test evaluation is not.
+
+  python benchmarks/bench.py --archive data/raw/cifar-10-python.tar.gz --out benchmarks/results/cpu.json
+
+Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifarpipe import checkpoint, data, engine, split
+from cifarpipe.config import AugmentParams, ModelParams, load_params
+from cifarpipe.loader import DeviceBatches, channel_stats
+from cifarpipe.models import CourseCNN, build_model
+
+
+@dataclass
+class Result:
+    name: str
+    epochs: list[dict] = field(default_factory=list)  # {"epoch", "train_seconds", "test_accuracy"}
+    train_images: int = 0
+    train_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.train_images / max(self.train_seconds, 1e-9)
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.epochs[-1]["test_accuracy"] if self.epochs else float("nan")
+
+    def seconds_to(self, target: float) -> float | None:
+        return next((e["train_seconds"] for e in self.epochs if e["test_accuracy"] >= target), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- 1. the course's loop
+def course_loop(batch_dir_root: Path, epochs: int, device: torch.device) -> Result:
+    import torchvision
+    import torchvision.transforms as transforms
+
+    class LocalCIFAR10(torchvision.datasets.CIFAR10):
+        # Our JPEG-derived copy's per-file MD5s differ from the official ones torchvision checks;
+        # md5 None makes torchvision check only that each file exists (the archive MD5 was verified).
+        train_list = [[f"data_batch_{i}", None] for i in range(1, 6)]
+        test_list = [["test_batch", None]]
+        meta = {"filename": "batches.meta", "key": "label_names", "md5": None}
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    trainset = LocalCIFAR10(root=str(batch_dir_root), train=True, download=False, transform=transform)
+    testset = LocalCIFAR10(root=str(batch_dir_root), train=False, download=False, transform=transform)
+    train_part, val_part = torch.utils.data.random_split(trainset, [0.85, 0.15],
+                                                         generator=torch.Generator().manual_seed(2025))
+    trainloader = torch.utils.data.DataLoader(train_part, batch_size=8, shuffle=True, num_workers=2)
+    valloader = torch.utils.data.DataLoader(val_part, batch_size=8, shuffle=False, num_workers=2)
+    testloader = torch.utils.data.DataLoader(testset, batch_size=1000, shuffle=False, num_workers=2)
+
+    torch.manual_seed(0)
+    net = CourseCNN().to(device)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.001)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=3)
+
+    def accuracy(loader) -> float:
+        net.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for images, labels in loader:
+                images, labels = images.to(device), labels.to(device)
+                correct += (net(images).argmax(1) == labels).sum().item()
+                total += labels.size(0)
+        return correct / total
+
+    result = Result("course loop (DataLoader, batch 8)")
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        net.train()
+        running_loss = 0.0
+        for i, (inputs, labels) in enumerate(trainloader):
+            inputs, labels = inputs.to(device), labels.to(device)
+            optimizer.zero_grad()
+            outputs = net(inputs)
+            loss = criterion(outputs, labels)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            if i % 2000 == 1999:
+                print(f"  [{epoch + 1}, {i + 1:5d}] loss: {running_loss / 2000:.3f}", flush=True)
+                running_loss = 0.0
+        scheduler.step(accuracy(valloader))
+        sync(device)
+        result.train_seconds += time.perf_counter() - t0
+        result.train_images += len(train_part)
+        result.epochs.append({"epoch": epoch + 1, "train_seconds": result.train_seconds,
+                              "test_accuracy": accuracy(testloader)})
+        print(f"  course loop epoch {epoch + 1}: {result.train_seconds:7.1f} s, "
+              f"test acc {result.epochs[-1]['test_accuracy']:.4f}", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------- 2-4. our engine
+def our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, model_params: ModelParams, epochs: int,
+               batch_size: int, augment: AugmentParams, params, device: torch.device, tracking_dir: Path | None,
+               max_seconds: float | None = None) -> Result:
+    """The train stage's loop: device-resident batches, train_one_epoch, validation, plateau
+    scheduler, a checkpoint per epoch; with `tracking_dir`, MLflow logging exactly as the stage does."""
+    p = params.train
+    train_x, train_y = arrays.train_images[sp.train], arrays.train_labels[sp.train]
+    mean, std = channel_stats(train_x)
+    cuda = device.type == "cuda"
+    train_b = DeviceBatches(torch.from_numpy(train_x).to(device), torch.from_numpy(train_y), batch_size, mean, std,
+                            augment, seed=p.seed)
+    val_b = DeviceBatches(torch.from_numpy(arrays.train_images[sp.val]).to(device),
+                          torch.from_numpy(arrays.train_labels[sp.val]), 1000, mean, std, shuffle=False)
+    test_b = DeviceBatches(torch.from_numpy(arrays.test_images).to(device), torch.from_numpy(arrays.test_labels),
+                           1000, mean, std, shuffle=False)
+    torch.manual_seed(p.seed)
+    model = build_model(model_params).to(device)
+    if cuda and p.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if p.compile else model
+    optimizer = engine.make_optimizer(model, p.optimizer)
+    scheduler = engine.make_scheduler(optimizer, p.scheduler)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    amp = p.amp and cuda
+
+    tracker = None
+    if tracking_dir is not None:
+        import mlflow
+
+        from cifarpipe import tracking
+
+        mlflow.set_tracking_uri(f"sqlite:///{tracking_dir / 'mlflow.db'}")
+        tracker = tracking.Tracker.start(tracking.connect(), "benchmark", None)
+        tracker.log_start({"benchmark": name}, {}, tracking.requirements_text())
+    ckpt_path = Path(tempfile.mkdtemp()) / "last.pt"
+
+    result = Result(name)
+    tracking_seconds = 0.0
+    deadline = time.perf_counter() + max_seconds if max_seconds else None
+    for epoch in range(epochs):
+        sync(device)
+        t0 = time.perf_counter()
+        stop = (lambda: time.perf_counter() > deadline) if deadline else (lambda: False)
+        progress = engine.train_one_epoch(step_model, train_b.epoch(epoch), optimizer, loss_fn, amp=amp, should_stop=stop)
+        val = engine.evaluate(step_model, val_b.epoch(0), amp=amp)
+        scheduler.step(val.accuracy)
+        checkpoint.save(ckpt_path, {"epoch": epoch + 1, "step": 0, "model_state_dict": model.state_dict(),
+                                    "optimizer_state_dict": optimizer.state_dict(),
+                                    "scheduler_state_dict": scheduler.state_dict()})
+        if tracker:
+            t_log = time.perf_counter()
+            tracker.queue_history([{"epoch": epoch + 1, "train_loss": progress.loss, "train_accuracy": progress.accuracy,
+                                    "val_loss": val.loss, "val_accuracy": val.accuracy,
+                                    "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": 0.0,
+                                    "images_per_second": 0.0}])
+            tracker.log_artifact(ckpt_path, "checkpoints", background=True)
+            tracking_seconds += time.perf_counter() - t_log
+        sync(device)
+        result.train_seconds += time.perf_counter() - t0
+        result.train_images += progress.seen
+        test = engine.evaluate(step_model, test_b.epoch(0), amp=amp)
+        result.epochs.append({"epoch": epoch + 1, "train_seconds": result.train_seconds, "test_accuracy": test.accuracy})
+        print(f"  {name} epoch {epoch + 1}: {result.train_seconds:7.1f} s, test acc {test.accuracy:.4f}", flush=True)
+        if deadline and time.perf_counter() > deadline:
+            result.extra["stopped_after_seconds"] = max_seconds
+            break
+    if tracker:
+        t_log = time.perf_counter()
+        tracker.drain()
+        tracker.finish()
+        tracking_seconds += time.perf_counter() - t_log
+        result.train_seconds += time.perf_counter() - t_log  # waiting for the last epoch's log counts
+        result.extra["tracking_main_thread_seconds"] = tracking_seconds
+        result.extra["tracking_background_cpu_seconds"] = tracker.background_cpu_seconds
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--archive", type=Path, required=True, help="the real cifar-10-python.tar.gz")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--course-epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=10, help="epochs of our engine with the course CNN")
+    ap.add_argument("--batch-size", type=int, help="our engine's batch size (default: params.yaml)")
+    ap.add_argument("--no-augment", action="store_true", help="our engine without crop/flip")
+    ap.add_argument("--resnet-epochs", type=int, default=10)
+    ap.add_argument("--resnet-batch-size", type=int, help="cifar_resnet's batch size (default: --batch-size)")
+    ap.add_argument("--resnet-seconds", type=float, help="stop cifar_resnet after this much training time")
+    ap.add_argument("--tracking-epochs", type=int, default=5, help="epochs of the MLflow on/off comparison (0: skip)")
+    ap.add_argument("--tracking-repeats", type=int, default=2, help="off/on pairs, interleaved (medians reported)")
+    ap.add_argument("--also-no-augment", action="store_true", help="add our engine without crop/flip, batch 32")
+    ap.add_argument("--skip-course", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.json"))
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    device = engine.pick_device(args.device)
+    arrays = data.arrays_from_archive(args.archive)
+    sp = split.make_split(len(arrays.train_labels), params.split.val_fraction, params.split.seed)
+    batch_size = args.batch_size or params.train.batch_size
+    augment = params.train.augment.model_copy(update={"enabled": params.train.augment.enabled and not args.no_augment})
+    course_cnn, resnet = ModelParams(name="course_cnn", width=64), ModelParams(name="cifar_resnet", width=params.model.width)
+
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if not args.skip_course:
+            root = tmp / "torchvision"
+            for name, raw in data.read_archive(args.archive).items():  # checked members only
+                (root / data.BATCH_DIR).mkdir(parents=True, exist_ok=True)
+                (root / data.BATCH_DIR / name).write_bytes(raw)
+            print("1. the course's loop", flush=True)
+            results.append(course_loop(root, args.course_epochs, device))
+        print("2. our engine, course CNN", flush=True)
+        ours = our_engine(f"ours, course CNN, batch {batch_size}{'' if augment.enabled else ', no augment'}", arrays,
+                          sp, course_cnn, args.epochs, batch_size, augment, params, device, None)
+        results.append(ours)
+        if args.also_no_augment:
+            plain = augment.model_copy(update={"enabled": False})
+            results.append(our_engine("ours, course CNN, batch 32, no augment", arrays, sp, course_cnn, args.epochs, 32,
+                                      plain, params, device, None))
+        if args.resnet_epochs:
+            print("3. our engine, cifar_resnet", flush=True)
+            resnet_batch = args.resnet_batch_size or batch_size
+            results.append(our_engine(f"ours, cifar_resnet, batch {resnet_batch}", arrays, sp, resnet, args.resnet_epochs,
+                                      resnet_batch, params.train.augment, params, device, None, args.resnet_seconds))
+        overhead = None
+        if args.tracking_epochs:
+            # A shared 2-core machine drifts by 10-20 % between runs: interleave off/on and take medians,
+            # and count what tracking itself used (training thread + logging thread CPU time).
+            print("4. MLflow overhead: tracking off and on, interleaved", flush=True)
+            offs, ons = [], []
+            for i in range(args.tracking_repeats):
+                offs.append(our_engine(f"tracking off #{i + 1}", arrays, sp, course_cnn, args.tracking_epochs, batch_size,
+                                       augment, params, device, None))
+                (tmp / f"mlflow{i}").mkdir()
+                ons.append(our_engine(f"tracking on #{i + 1}", arrays, sp, course_cnn, args.tracking_epochs, batch_size,
+                                      augment, params, device, tmp / f"mlflow{i}"))
+            off_s = float(np.median([r.train_seconds for r in offs]))
+            on_s = float(np.median([r.train_seconds for r in ons]))
+            cost = float(np.median([r.extra["tracking_main_thread_seconds"] + r.extra["tracking_background_cpu_seconds"]
+                                    for r in ons]))
+            overhead = {"seconds_off": [r.train_seconds for r in offs], "seconds_on": [r.train_seconds for r in ons],
+                        "wall_overhead_median": on_s / off_s - 1, "tracking_cpu_seconds": cost,
+                        "tracking_cpu_share": cost / on_s}
+
+    target = results[0].final_accuracy if not args.skip_course else None
+    base = results[0] if not args.skip_course else None
+    print(f"\n{'configuration':<44}{'img/s':>9}{'final acc':>10}{'s to target':>13}{'speed-up':>10}")
+    rows = []
+    for r in results:
+        to_target = r.seconds_to(target) if target is not None else None
+        speedup = base.seconds_to(target) / to_target if base and to_target else None
+        rows.append({**asdict(r), "images_per_second": r.images_per_second, "final_accuracy": r.final_accuracy,
+                     "seconds_to_target": to_target, "speedup_vs_course": speedup})
+        print(f"{r.name:<44}{r.images_per_second:>9.0f}{r.final_accuracy:>10.4f}"
+              f"{(f'{to_target:.1f}' if to_target else 'not reached' if target else '-'):>13}{(f'{speedup:.1f}x' if speedup else '-'):>10}")
+    if target is not None:
+        print(f"target: the course loop's {args.course_epochs}-epoch test accuracy, {target:.4f}")
+    if overhead:
+        print(f"MLflow overhead: tracking used {overhead['tracking_cpu_seconds']:.2f} s of CPU "
+              f"({overhead['tracking_cpu_share']:.2%} of training time); wall time on/off, median of "
+              f"{args.tracking_repeats}: {overhead['wall_overhead_median']:+.2%} "
+              f"(off {', '.join(f'{s:.1f}' for s in overhead['seconds_off'])} s; "
+              f"on {', '.join(f'{s:.1f}' for s in overhead['seconds_on'])} s)")
+    report = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name() if device.type == "cuda"
+              else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+              "torch": torch.__version__, "archive": str(args.archive), "target_accuracy": target,
+              "results": rows, "mlflow_overhead": overhead, "argv": vars(args) | {"archive": str(args.archive),
+                                                                                   "params": str(args.params),
+                                                                                   "out": str(args.out)}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
