@@ -27,11 +27,13 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.exit_code = 0
 
     def __call__(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after the current batch ...")
 
 
@@ -129,6 +131,9 @@ def main() -> int:
                 "loss": history[-1]["train_loss"] if history else float("nan"),
                 "step": prog.step, "epoch_progress": vars(prog).copy(), "epoch_seconds_so_far": seconds,
                 "history": history, "best_val_accuracy": best_acc, "rng": checkpoint.rng_state(),
+                # Data order and augmentation of epoch e are drawn from a generator seeded with
+                # epoch_seed(train.seed, e): this seed regenerates the whole stream of any epoch.
+                "data_rng_seed": p.seed,
                 "mlflow_run_id": tracker.run_id, "fingerprint": fingerprint, "complete": complete,
                 "model_name": params.model.name}
 
@@ -155,7 +160,7 @@ def main() -> int:
                 tracker.finish("KILLED")
                 print(f"stopped in epoch {number} after batch {progress.step}: checkpoint saved to {last_path}. "
                       "Run `dvc repro` to resume.")
-                return 130
+                return stop.exit_code
 
             faults.hit("validation", number)
             val = engine.evaluate(step_model, val_batches.epoch(0), amp=amp)
@@ -185,7 +190,7 @@ def main() -> int:
                 tracker.drain(fallback=args.checkpoint_dir / "mlflow_unlogged.json")
                 tracker.finish("KILLED")
                 print(f"stopped after epoch {number}: checkpoint saved to {last_path}. Run `dvc repro` to resume.")
-                return 130
+                return stop.exit_code
     except BaseException:
         tracker.drain(attempts=1, fallback=args.checkpoint_dir / "mlflow_unlogged.json")
         tracker.finish("FAILED")
