@@ -8,6 +8,7 @@ record (`dvc exp show`) and in the MLflow run's params. Train and evaluate are a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -21,6 +22,13 @@ def main() -> int:
     for name in OVERRIDES:
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, default="")
     args = ap.parse_args()
+    missing = [m for m in ("torch", "cifarpipe", "dvc", "mlflow") if importlib.util.find_spec(m) is None]
+    if missing:
+        # MLflow's default env manager builds a bare virtualenv: the stages would fail one by one.
+        print(f"error: this environment lacks {', '.join(missing)}. Run the project in the environment "
+              "`make setup` built: `source .venv/bin/activate`, then `mlflow run . --env-manager local`.",
+              file=sys.stderr)
+        return 2
     sets = [f"{OVERRIDES[k]}={v}" for k, v in vars(args).items() if v != ""]
     if "MLFLOW_RUN_ID" not in os.environ:
         print("note: MLFLOW_RUN_ID is not set; the train stage will create its own MLflow run", file=sys.stderr)

@@ -122,3 +122,15 @@ def test_mlflow_run_yields_exactly_one_complete_run(project):
     assert len(runs) == 2
     for r in runs:
         assert_complete_run(project, r, epochs=1)
+
+
+def test_mlflow_run_entry_in_a_bare_environment_explains_the_env_manager(tmp_path):
+    # `mlflow run .` without --env-manager local builds a bare virtualenv; -S (no site-packages) is one.
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    proc = subprocess.run([sys.executable, "-S", str(REPO / "stages/mlflow_run.py"), "--epochs", "1"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--env-manager local" in proc.stderr and "torch" in proc.stderr
