@@ -7,6 +7,7 @@ atomically; running the stage again (`dvc repro`) continues from it, in the same
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def main() -> int:
     # ---- model, optimizer, scheduler (the course's recipe; values from params.yaml)
     if p.deterministic:
         engine.make_deterministic()
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: autotuned kernels pay off after one batch
     torch.manual_seed(p.seed)
     cuda = device.type == "cuda"
     model = build_model(params.model).to(device)
@@ -72,7 +75,7 @@ def main() -> int:
     scheduler = engine.make_scheduler(optimizer, p.scheduler)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     step_model = torch.compile(model) if p.compile else model
-    amp = p.amp and cuda
+    amp = p.amp and cuda and torch.cuda.is_bf16_supported()  # bf16 needs Ampere or newer
 
     # ---- data: the training part of the split, resident on the device
     train_x, train_y = arrays.train_images[sp.train], arrays.train_labels[sp.train]
@@ -101,7 +104,7 @@ def main() -> int:
         model.load_state_dict(resume["model_state_dict"])
         optimizer.load_state_dict(resume["optimizer_state_dict"])
         scheduler.load_state_dict(resume["scheduler_state_dict"])
-        checkpoint.restore_rng_state(resume["rng"])
+        checkpoint.restore_rng_state(resume["rng"], device)
         start_epoch, history, best_acc = resume["epoch"], resume["history"], resume["best_val_accuracy"]
         progress = engine.EpochProgress(**resume["epoch_progress"])
         if p.loader == "dataloader" and progress.step:
@@ -111,8 +114,10 @@ def main() -> int:
         print(f"resuming from {last_path}: epoch {start_epoch + 1}, batch {progress.step} of {steps_per_epoch}")
 
     if abandoned_run:
-        tracking.mark_abandoned(client, abandoned_run)
+        tracking.mark_abandoned(client, abandoned_run, "params or data changed before it finished")
     tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id)
+    if resume and run_id and tracker.run_id != run_id:  # e.g. `mlflow run .` continues a killed job
+        tracking.mark_abandoned(client, run_id, f"continued in run {tracker.run_id}")
     atomic.write_text(args.run_id, tracker.run_id + "\n")
     if resume and tracker.run_id == run_id:
         tracker.queue_history(history, skip=tracker.logged_steps())  # fill what the killed process never sent
@@ -130,7 +135,7 @@ def main() -> int:
                 "optimizer_state_dict": optimizer.state_dict(), "scheduler_state_dict": scheduler.state_dict(),
                 "loss": history[-1]["train_loss"] if history else float("nan"),
                 "step": prog.step, "epoch_progress": vars(prog).copy(), "epoch_seconds_so_far": seconds,
-                "history": history, "best_val_accuracy": best_acc, "rng": checkpoint.rng_state(),
+                "history": history, "best_val_accuracy": best_acc, "rng": checkpoint.rng_state(device),
                 # Data order and augmentation of epoch e are drawn from a generator seeded with
                 # epoch_seed(train.seed, e): this seed regenerates the whole stream of any epoch.
                 "data_rng_seed": p.seed,
@@ -138,6 +143,8 @@ def main() -> int:
                 "model_name": params.model.name}
 
     stop = StopRequest()
+    # The DataLoader path can't replay half an epoch: it stops at the end of the epoch instead.
+    stop_inside_epoch = (lambda: stop.requested) if p.loader == "device" else (lambda: False)
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for epoch in range(start_epoch, p.epochs):
@@ -151,7 +158,7 @@ def main() -> int:
 
                 progress = engine.train_one_epoch(step_model, epoch_batches(epoch, progress.step), optimizer, loss_fn,
                                                   progress=progress, amp=amp, log_every=p.log_every, log=tqdm.write,
-                                                  on_step=on_step, should_stop=lambda: stop.requested)
+                                                  on_step=on_step, should_stop=stop_inside_epoch)
             seconds = carried_seconds + time.perf_counter() - t0
             carried_seconds = 0.0
             if progress.step < steps_per_epoch:  # stopped at a safe point inside the epoch
@@ -204,14 +211,20 @@ def main() -> int:
     checkpoint.save_weights(args.weights, checkpoint.weights_file(model, params, mean, std, arrays.classes))
     checkpoint.save(last_path, make_checkpoint(p.epochs, engine.EpochProgress(), 0.0, complete=True))
     atomic.write_text(args.history, pd.DataFrame(history).to_csv(index=False))
-    tracker.drain(fallback=args.checkpoint_dir / "mlflow_unlogged.json")
-    for path in (last_path, best_path):
-        tracker.log_artifact(path, "checkpoints")
-    tracker.log_artifact(args.history)
-    example = next(iter(DeviceBatches(torch.from_numpy(val_x[:4]), torch.from_numpy(val_y[:4]), 4, mean, std,
-                                      shuffle=False).epoch(0)))[0].contiguous().numpy()
-    model_uri = tracker.log_model(model, example, Path(cifarpipe.__file__).parent)
-    tracker.finish("FINISHED")
+    try:
+        tracker.drain(fallback=args.checkpoint_dir / "mlflow_unlogged.json")
+        for path in (last_path, best_path):
+            tracker.log_artifact(path, "checkpoints")
+        tracker.log_artifact(args.history)
+        example = next(iter(DeviceBatches(torch.from_numpy(val_x[:4]), torch.from_numpy(val_y[:4]), 4, mean, std,
+                                          shuffle=False).epoch(0)))[0].contiguous().numpy()
+        model_uri = tracker.log_model(model, example, Path(cifarpipe.__file__).parent)
+        tracker.finish("FINISHED")
+    except Exception as e:  # the training result is safe on disk; MLflow gets what it could
+        print(f"warning: training finished and its outputs are written, but MLflow logging at the end failed "
+              f"({type(e).__name__}: {e}); the run {tracker.run_id} may lack the model or final artifacts",
+              file=sys.stderr)
+        model_uri = "not logged"
     print(f"done: best val accuracy {best_acc:.4f}; weights {args.weights}; model {model_uri}")
     return 0
 

@@ -153,3 +153,14 @@ def build_and_return(tmp_path):
 
 def test_md5_helper_matches_hashlib(tiny_archive):
     assert data.md5_of(tiny_archive[0]) == hashlib.md5(tiny_archive[0].read_bytes()).hexdigest()
+
+
+def test_labels_outside_0_to_9_are_refused_before_any_cast(tmp_path):
+    from cifar_archive import py2_pickle
+    import numpy as np
+    bad = py2_pickle({"batch_label": "x", "labels": [256] * 10, "data": np.zeros((10, 3072), np.uint8),
+                      "filenames": ["a"] * 10})
+    path = tmp_path / "labels.tar.gz"
+    build_archive(path, n_train=50, n_test=10, replace={"data_batch_2": bad})
+    with pytest.raises(UserError, match="labels must be 0..9, found 256..256"):
+        data.arrays_from_archive(path)

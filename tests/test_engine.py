@@ -69,7 +69,7 @@ def test_checkpoint_dict_round_trips_with_weights_only_loading(tmp_path):
     engine.train_one_epoch(model, tiny_batches(), opt, torch.nn.CrossEntropyLoss())
     sched.step(0.5)
     ckpt = {"epoch": 3, "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
-            "scheduler_state_dict": sched.state_dict(), "loss": 1.5, "step": 0, "rng": checkpoint.rng_state(),
+            "scheduler_state_dict": sched.state_dict(), "loss": 1.5, "step": 0, "rng": checkpoint.rng_state(torch.device("cpu")),
             "history": [{"epoch": 1, "val_accuracy": 0.5}], "complete": False, "fingerprint": "abc"}
     checkpoint.save(tmp_path / "c.pt", ckpt)
     loaded = torch.load(tmp_path / "c.pt", weights_only=True)  # what a careful user would do

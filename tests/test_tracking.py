@@ -101,3 +101,34 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_old_checkp
         checkpoint.save(path, {"epoch": 2, "step": 0, "w": torch.zeros(3)})
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_chunk_that_landed_is_never_sent_again(tracker):
+    t, flaky, real = tracker
+    calls = {"n": 0}
+    original = flaky.log_batch
+
+    def second_chunk_fails(run_id, metrics=(), **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionError("store went away mid-batch")
+        return original(run_id, metrics=metrics, **kw)
+
+    flaky.log_batch = second_chunk_fails
+    t.queue_history([row(e) for e in range(1, 131)])  # 910 values: two chunks of at most 900
+    t._pool.submit(lambda: None).result()
+    assert t.drain(pause_s=0.01)
+    steps = [m.step for m in real.get_metric_history(t.run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, 131))  # each epoch once: the first chunk was not resent
+
+
+def test_while_the_store_is_down_flushes_do_not_pile_up(tracker):
+    t, flaky, _ = tracker
+    flaky.down = True
+    t._pool.submit(lambda: __import__("time").sleep(0.3))  # keep the logging thread busy
+    for e in range(1, 6):
+        t.queue_history([row(e)])
+    t._pool.submit(lambda: None).result()
+    assert flaky.calls == 1  # one flush carried all five epochs
+    flaky.down = False
+    assert t.drain()

@@ -206,6 +206,8 @@ def _batch_arrays(batch: dict, what: str) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
     if labels.shape != (data.shape[0],):
         raise UserError(f"{what}: {labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):  # before any cast can wrap them
+        raise UserError(f"{what}: labels must be 0..{NUM_CLASSES - 1}, found {labels.min()}..{labels.max()}")
     # Each row is 1024 red, 1024 green, 1024 blue values: -> (n, 3, 32, 32) -> HWC for compact gathers.
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 

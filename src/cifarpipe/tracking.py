@@ -35,6 +35,10 @@ from cifarpipe.config import UserError
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
                  "images_per_second")
 _MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+# While training, a remote store that stops answering must cost seconds, not MLflow's default
+# 7 retries x 120 s per call: 2 retries, 20 s each. A user's own settings win.
+_TRAINING_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+_DRAIN_WAIT_S = 120.0  # at most this long for queued logging at the end, then fall back to the file
 
 
 def tracking_uri() -> str:
@@ -93,11 +97,11 @@ def environment_tags(device_name: str) -> dict[str, str]:
             "cuda": torch.version.cuda or "none", "host_platform": platform.platform()}
 
 
-def mark_abandoned(client: MlflowClient, run_id: str) -> None:
-    """A killed job that will not be resumed: KILLED instead of RUNNING forever."""
+def mark_abandoned(client: MlflowClient, run_id: str, why: str) -> None:
+    """A killed job's run that will not be continued: KILLED instead of RUNNING forever."""
     try:
         if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "abandoned", "params or data changed before it finished")
+            client.set_tag(run_id, "abandoned", why)
             client.set_terminated(run_id, "KILLED")
     except MlflowException:
         pass  # the run is gone from this store: nothing to tidy
@@ -109,7 +113,11 @@ class Tracker:
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
+        for key, value in _TRAINING_HTTP.items():
+            os.environ.setdefault(key, value)
         self._pending: list[Metric] = []
+        self._flush_queued = False  # one queued flush sends everything pending: no pile-up while the store is down
+        self._artifacts_queued: set[tuple[str, str | None]] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
         self._warned = False
@@ -129,9 +137,9 @@ class Tracker:
     # ------------------------------------------------------------ lifecycle
     @classmethod
     def start(cls, client: MlflowClient, experiment: str, resume_run_id: str | None, log=print) -> "Tracker":
-        """Resume `resume_run_id` if the store still has it; else adopt MLFLOW_RUN_ID (under
-        `mlflow run .`); else create a new run in `experiment`."""
-        for run_id, why in ((resume_run_id, "resuming"), (os.environ.get("MLFLOW_RUN_ID"), "mlflow run")):
+        """Adopt MLFLOW_RUN_ID (the run `mlflow run .` created: it must not stay empty); else resume
+        `resume_run_id` if the store still has it; else create a new run in `experiment`."""
+        for run_id, why in ((os.environ.get("MLFLOW_RUN_ID"), "mlflow run"), (resume_run_id, "resuming")):
             if not run_id:
                 continue
             try:
@@ -159,6 +167,7 @@ class Tracker:
         self.log_text(requirements, "environment/requirements.txt")
 
     def finish(self, status: str = "FINISHED") -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)  # drain() ran first; never hang the exit
         self.client.set_terminated(self.run_id, status)
 
     # ------------------------------------------------------------ metrics
@@ -174,35 +183,53 @@ class Tracker:
                 step = int(row["epoch"])
                 self._pending += [Metric(k, float(row[k]), now, step) for k in EPOCH_METRICS
                                   if k in row and step not in skip.get(k, ())]
+            if self._flush_queued:
+                return
+            self._flush_queued = True
         self._submit(self._flush)
 
     def _flush(self) -> bool:
         with self._lock:
-            batch = list(self._pending)
-        try:
-            for i in range(0, len(batch), _MAX_BATCH):
-                self.client.log_batch(self.run_id, metrics=batch[i:i + _MAX_BATCH])
-        except Exception as e:  # store down: keep the values, try again with the next epoch
-            self.failures += 1
-            if not self._warned:
-                print(f"warning: MLflow store {tracking_uri()} failed ({type(e).__name__}); training goes on, "
-                      "metrics are kept and sent when it answers again", file=sys.stderr)
-                self._warned = True
-            return False
-        with self._lock:
-            del self._pending[:len(batch)]
-        return True
-
-    def drain(self, attempts: int = 3, pause_s: float = 2.0, fallback: Path | None = None) -> bool:
-        """Wait for queued metrics to land; retry a few times; else save them to `fallback`."""
-        self._pool.submit(lambda: None).result()
-        for attempt in range(attempts):
+            self._flush_queued = False
+        while True:
             with self._lock:
-                if not self._pending:
-                    return True
-            if self._submit(self._flush).result():
+                chunk = self._pending[:_MAX_BATCH]
+            if not chunk:
                 return True
-            time.sleep(pause_s * (attempt + 1))
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as e:  # store down: keep the values, try again with the next epoch
+                self.failures += 1
+                if not self._warned:
+                    print(f"warning: MLflow store {tracking_uri()} failed ({type(e).__name__}); training goes on, "
+                          "metrics are kept and sent when it answers again", file=sys.stderr)
+                    self._warned = True
+                return False
+            with self._lock:  # drop each chunk as soon as it landed: a later failure never resends it
+                del self._pending[:len(chunk)]
+
+    def _wait_queue(self, timeout_s: float) -> bool:
+        try:
+            self._pool.submit(lambda: None).result(timeout=timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    def drain(self, attempts: int = 3, pause_s: float = 2.0, fallback: Path | None = None,
+              timeout_s: float = _DRAIN_WAIT_S) -> bool:
+        """Wait (at most `timeout_s`) for queued logging; retry a few times; else save metrics to `fallback`."""
+        deadline = time.monotonic() + timeout_s
+        if self._wait_queue(timeout_s):
+            for attempt in range(attempts):
+                with self._lock:
+                    if not self._pending:
+                        return True
+                try:
+                    if self._submit(self._flush).result(timeout=max(deadline - time.monotonic(), 0.1)):
+                        return True
+                except TimeoutError:
+                    break
+                time.sleep(pause_s * (attempt + 1))
         with self._lock:
             rows = [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp} for m in self._pending]
         if fallback is not None and rows:
@@ -213,16 +240,24 @@ class Tracker:
 
     # ------------------------------------------------------------ artifacts
     def log_artifact(self, path: Path, artifact_path: str | None = None, background: bool = False) -> None:
+        key = (str(path), artifact_path)
+
         def job() -> None:
+            with self._lock:
+                self._artifacts_queued.discard(key)
             try:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
             except Exception as e:  # an artifact failing must never cost the checkpoint on disk
                 print(f"warning: could not log artifact {path} to MLflow ({type(e).__name__}: {e})", file=sys.stderr)
 
         if background:
+            with self._lock:
+                if key in self._artifacts_queued:
+                    return  # an upload of this file is still queued: it will send the newest version
+                self._artifacts_queued.add(key)
             self._submit(job)
         else:
-            self._pool.submit(lambda: None).result()  # keep order with queued jobs
+            self._wait_queue(_DRAIN_WAIT_S)  # keep order with queued jobs
             job()
 
     def log_text(self, text: str, artifact_file: str) -> None:
