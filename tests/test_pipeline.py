@@ -79,7 +79,9 @@ def test_dvc_repro_trains_evaluates_and_tracks_one_complete_run(project, monkeyp
     import torch
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
-    # A second repro does nothing and makes no MLflow run.
+    # A second repro does nothing and makes no MLflow run, even after Python wrote bytecode caches.
+    (project / "src/cifarpipe/__pycache__").mkdir(exist_ok=True)
+    (project / "src/cifarpipe/__pycache__/engine.cpython-311.pyc").write_bytes(b"\0")
     again = run(["dvc", "repro"], project).stdout
     assert ran(again) == set() and len(all_runs(project)) == 1
 
