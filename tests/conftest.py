@@ -1,9 +1,11 @@
 """Shared fixtures: tiny official-format archives, a loopback HTTP server, a shrunk project copy."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,20 +46,31 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def http_server(tmp_path: Path) -> Iterator[Server]:
-    """A loopback HTTP server over a temporary folder; records request paths."""
-    root = tmp_path / "www"
-    root.mkdir()
+@contextlib.contextmanager
+def serve_folder(root: Path) -> Iterator[Server]:
+    """A loopback HTTP server over `root`; records request paths."""
+    root.mkdir(parents=True, exist_ok=True)
     state = Server(root, "")
     handler = type("Handler", (_Handler,), {"server_state": state})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
     state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[Server]:
+    with serve_folder(tmp_path / "www") as server:
+        yield server
+
+
+def stage_cmd(project: Path, stage: str) -> list[str]:
+    """A stage's command exactly as dvc.yaml (the one place for paths) spells it."""
+    return shlex.split(yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage]["cmd"])
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import REPO, run, set_params
+from conftest import REPO, run, set_params, stage_cmd
 from cifarpipe.config import UserError, flatten, load_params, parse_params
 
 
@@ -71,8 +71,7 @@ def test_flatten_uses_dotted_names():
 
 def test_a_stage_with_bad_params_stops_before_any_work_without_traceback(project):
     set_params(project, **{"split.val_fraction": 2.0})
-    proc = run(["python", "stages/download.py", "--archive", "data/raw/a.tar.gz", "--out", "data/cifar10.npz"],
-               project, check=False)
+    proc = run(stage_cmd(project, "download"), project, check=False)
     assert proc.returncode == 2
     assert "error: params.yaml: split.val_fraction = 2.0: Input should be less than 1" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import git_commit, make_project, run, set_params
+from conftest import git_commit, make_project, run, serve_folder, set_params, stage_cmd
 from cifarpipe.tracking import EPOCH_METRICS
 
 EPOCHS = 3
@@ -32,28 +32,16 @@ def strays(project: Path) -> list[str]:
 def baseline(tmp_path_factory, tiny_archive):
     """An uninterrupted run (3 epochs), plus a copy of the project with only the data stages done,
     from which each interrupted run starts."""
-    import http.server  # noqa: F401 (the module fixture can't use the function-scoped server)
-    from conftest import Server, _Handler
-    import functools
-    import threading
-
-    root = tmp_path_factory.mktemp("www")
-    state = Server(root, "")
-    handler = type("Handler", (_Handler,), {"server_state": state})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-
     base = tmp_path_factory.mktemp("resume")
-    seed = make_project(base / "seed", *tiny_archive, state)
-    set_params(seed, **{"train.epochs": EPOCHS})
-    run(["dvc", "repro", "split"], seed)
-    git_commit(seed, "data stages done")
-    done = base / "uninterrupted"
-    shutil.copytree(seed, done, symlinks=True)
-    run(["dvc", "repro"], done)
-    yield seed, done
-    httpd.shutdown()
+    with serve_folder(base / "www") as server:
+        seed = make_project(base / "seed", *tiny_archive, server)
+        set_params(seed, **{"train.epochs": EPOCHS})
+        run(["dvc", "repro", "split"], seed)
+        git_commit(seed, "data stages done")
+        done = base / "uninterrupted"
+        shutil.copytree(seed, done, symlinks=True)
+        run(["dvc", "repro"], done)
+        yield seed, done
 
 
 def fresh_copy(seed: Path, dest: Path) -> Path:
@@ -97,10 +85,7 @@ def test_sigkill_then_dvc_repro_resumes_to_the_same_result(baseline, tmp_path, f
 def test_sigint_saves_mid_epoch_and_resumes_exactly(baseline, tmp_path):
     seed, done = baseline
     project = fresh_copy(seed, tmp_path / "p")
-    stopped = run(["python", "stages/train.py", "--data", "data/cifar10.npz", "--split", "data/split.json",
-                   "--checkpoint-dir", "outputs/checkpoints", "--weights", "outputs/model.pt",
-                   "--history", "outputs/history.csv", "--run-id", "outputs/run_id.txt"],
-                  project, env={"CIFARPIPE_FAULT": "step:2:4:INT"}, check=False)
+    stopped = run(stage_cmd(project, "train"), project, env={"CIFARPIPE_FAULT": "step:2:4:INT"}, check=False)
     assert stopped.returncode == 130
     assert "stopped in epoch 2 after batch 4" in stopped.stdout and "dvc repro" in stopped.stdout
     assert "Traceback" not in stopped.stderr

@@ -14,13 +14,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, run, set_params
+from conftest import BIN, run, set_params, stage_cmd
 from cifarpipe.tracking import EPOCH_METRICS
-
-TRAIN = ["python", "stages/train.py", "--data", "data/cifar10.npz", "--split", "data/split.json",
-         "--checkpoint-dir", "outputs/checkpoints", "--weights", "outputs/model.pt",
-         "--history", "outputs/history.csv", "--run-id", "outputs/run_id.txt"]
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -96,7 +91,7 @@ def test_training_survives_a_store_outage_and_every_epoch_lands(project, mlflow_
     run(["dvc", "repro", "split"], project)
     proxy = OutageProxy(mlflow_server, outages=2)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    proc = run(TRAIN, project, env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}",
+    proc = run(stage_cmd(project, "train"), project, env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}",
                                     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     proxy.shutdown()
     assert proxy.refused == 2  # epoch 2's batch and epoch 3's (which carried epoch 2 again) were refused
