@@ -101,8 +101,9 @@ def download(url: str, dest: Path, md5: str, *, retries: int = 2, timeout_s: flo
             except Exception as e:  # network trouble: retry after a growing pause (1 s, 2 s, ...)
                 if attempt == attempts or not _is_retryable(e):
                     reason = getattr(e, "reason", None) or e
-                    raise UserError(f"could not download {url}: {reason} "
-                                    f"(attempt {attempt} of {attempts})") from None
+                    raise UserError(f"could not download {url}: {reason} (attempt {attempt} of {attempts}). "
+                                    "With the archive on disk, set data.url to its path and data.md5 "
+                                    "to its checksum") from None
                 time.sleep(backoff_s * attempt)
         if actual != md5:
             raise ChecksumError(f"checksum mismatch for {url}: expected md5 {md5}, got {actual}; "
