@@ -32,7 +32,7 @@ from torch import nn
 from cifarpipe import checkpoint, data, engine, split
 from cifarpipe.config import AugmentParams, ModelParams, load_params
 from cifarpipe.loader import DeviceBatches, channel_stats
-from cifarpipe.models import CourseCNN, build_model
+from cifarpipe.models import CourseCNN
 
 
 @dataclass
@@ -133,22 +133,15 @@ def our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, model_par
     p = params.train
     train_x, train_y = arrays.train_images[sp.train], arrays.train_labels[sp.train]
     mean, std = channel_stats(train_x)
-    cuda = device.type == "cuda"
     train_b = DeviceBatches(torch.from_numpy(train_x).to(device), torch.from_numpy(train_y), batch_size, mean, std,
                             augment, seed=p.seed)
     val_b = DeviceBatches(torch.from_numpy(arrays.train_images[sp.val]).to(device),
                           torch.from_numpy(arrays.train_labels[sp.val]), 1000, mean, std, shuffle=False)
     test_b = DeviceBatches(torch.from_numpy(arrays.test_images).to(device), torch.from_numpy(arrays.test_labels),
                            1000, mean, std, shuffle=False)
-    torch.manual_seed(p.seed)
-    model = build_model(model_params).to(device)
-    if cuda and p.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if p.compile else model
-    optimizer = engine.make_optimizer(model, p.optimizer)
-    scheduler = engine.make_scheduler(optimizer, p.scheduler)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
-    amp = p.amp and cuda
+    setup = engine.build_training(model_params, p, device)
+    model, step_model, optimizer, scheduler = setup.model, setup.step_model, setup.optimizer, setup.scheduler
+    loss_fn, amp = setup.loss_fn, setup.amp
 
     tracker = None
     if tracking_dir is not None:
@@ -291,7 +284,7 @@ def main() -> None:
               f"{args.tracking_repeats}: {overhead['wall_overhead_median']:+.2%} "
               f"(off {', '.join(f'{s:.1f}' for s in overhead['seconds_off'])} s; "
               f"on {', '.join(f'{s:.1f}' for s in overhead['seconds_on'])} s)")
-    report = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name() if device.type == "cuda"
+    report = {"date": date.today().isoformat(), "device": engine.device_name(device) if device.type == "cuda"
               else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
               "torch": torch.__version__, "archive": str(args.archive), "target_accuracy": target,
               "results": rows, "mlflow_overhead": overhead, "argv": vars(args) | {"archive": str(args.archive),

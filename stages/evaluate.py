@@ -34,7 +34,7 @@ def main() -> None:
     model.load_state_dict(weights["state_dict"])
     batches = DeviceBatches(torch.from_numpy(arrays.test_images).to(device), torch.from_numpy(arrays.test_labels),
                             params.evaluate.batch_size, weights["mean"], weights["std"], augment=None, shuffle=False)
-    result = engine.evaluate(model, batches.epoch(0), amp=params.train.amp and device.type == "cuda" and torch.cuda.is_bf16_supported(),
+    result = engine.evaluate(model, batches.epoch(0), amp=engine.amp_enabled(params.train.amp, device),
                              tta_flip=params.evaluate.tta_flip)
 
     classes = weights["classes"]

@@ -20,7 +20,6 @@ from cifarpipe import atomic, checkpoint, data, engine, faults, split, tracking
 from cifarpipe.cli import run_stage, stage_parser
 from cifarpipe.config import UserError, flatten, load_params
 from cifarpipe.loader import DeviceBatches, channel_stats, dataloader_batches
-from cifarpipe.models import build_model
 
 
 class StopRequest:
@@ -62,20 +61,9 @@ def main() -> int:
     resume, abandoned_run = checkpoint.load_for_resume(last_path, fingerprint)
 
     # ---- model, optimizer, scheduler (the course's recipe; values from params.yaml)
-    if p.deterministic:
-        engine.make_deterministic()
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: autotuned kernels pay off after one batch
-    torch.manual_seed(p.seed)
-    cuda = device.type == "cuda"
-    model = build_model(params.model).to(device)
-    if cuda and p.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = engine.make_optimizer(model, p.optimizer)
-    scheduler = engine.make_scheduler(optimizer, p.scheduler)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
-    step_model = torch.compile(model) if p.compile else model
-    amp = p.amp and cuda and torch.cuda.is_bf16_supported()  # bf16 needs Ampere or newer
+    setup = engine.build_training(params.model, p, device)
+    model, step_model, optimizer, scheduler = setup.model, setup.step_model, setup.optimizer, setup.scheduler
+    loss_fn, amp = setup.loss_fn, setup.amp
 
     # ---- data: the training part of the split, resident on the device
     train_x, train_y = arrays.train_images[sp.train], arrays.train_labels[sp.train]
@@ -122,7 +110,7 @@ def main() -> int:
     if resume and tracker.run_id == run_id:
         tracker.queue_history(history, skip=tracker.logged_steps())  # fill what the killed process never sent
     else:
-        tags = {**tracking.git_state(), **tracking.environment_tags(torch.cuda.get_device_name() if cuda else str(device)),
+        tags = {**tracking.git_state(), **tracking.environment_tags(engine.device_name(device)),
                 "data_md5": params.data.md5, "split_hash": split_hash, "fingerprint": fingerprint,
                 "deterministic": str(p.deterministic).lower()}
         tracker.log_start(flat, tags, tracking.requirements_text())

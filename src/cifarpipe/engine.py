@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cifarpipe.config import OptimizerParams, SchedulerParams, UserError
+from cifarpipe.config import ModelParams, OptimizerParams, SchedulerParams, TrainParams, UserError
+from cifarpipe.models import build_model
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -59,12 +60,48 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    """What runs record as their device: the GPU's model name, else 'cpu' / 'mps'."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
 def make_deterministic() -> None:
     """The settings that make CUDA runs bitwise repeatable (slower: no autotuned kernels)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs this for fixed reductions
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+
+
+def amp_enabled(requested: bool, device: torch.device) -> bool:
+    """bf16 autocast: CUDA only, and only on GPUs that have bf16 (Ampere or newer)."""
+    return requested and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class TrainingSetup:
+    model: nn.Module  # the module whose state_dict is saved
+    step_model: nn.Module  # what the loop calls: `model`, or its torch.compile wrapper
+    optimizer: torch.optim.Adam
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    loss_fn: nn.Module
+    amp: bool
+
+
+def build_training(model_params: ModelParams, p: TrainParams, device: torch.device) -> TrainingSetup:
+    """The course's recipe on `device`, seeded: the one setup the train stage and the benchmarks share."""
+    if p.deterministic:
+        make_deterministic()
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: autotuned kernels pay off after one batch
+    torch.manual_seed(p.seed)
+    model = build_model(model_params).to(device)
+    if device.type == "cuda" and p.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, p.optimizer)
+    return TrainingSetup(model=model, step_model=torch.compile(model) if p.compile else model, optimizer=optimizer,
+                         scheduler=make_scheduler(optimizer, p.scheduler),
+                         loss_fn=nn.CrossEntropyLoss(label_smoothing=p.label_smoothing), amp=amp_enabled(p.amp, device))
 
 
 def make_optimizer(model: nn.Module, p: OptimizerParams) -> torch.optim.Adam:

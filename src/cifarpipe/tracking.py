@@ -121,7 +121,6 @@ class Tracker:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
         self._warned = False
-        self.failures = 0
         self.background_cpu_seconds = 0.0  # CPU time the logging thread used: what tracking costs training
 
     def _submit(self, job):
@@ -199,7 +198,6 @@ class Tracker:
             try:
                 self.client.log_batch(self.run_id, metrics=chunk)
             except Exception as e:  # store down: keep the values, try again with the next epoch
-                self.failures += 1
                 if not self._warned:
                     print(f"warning: MLflow store {tracking_uri()} failed ({type(e).__name__}); training goes on, "
                           "metrics are kept and sent when it answers again", file=sys.stderr)
