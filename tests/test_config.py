@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run, set_params, stage_cmd
-from cifarpipe.config import UserError, flatten, load_params, parse_params
+from cifarpipe.config import UserError, flatten, load_params, parse_params, with_overrides
 
 
 def real_params() -> dict:
@@ -76,3 +76,16 @@ def test_a_stage_with_bad_params_stops_before_any_work_without_traceback(project
     assert "error: params.yaml: split.val_fraction = 2.0: Input should be less than 1" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (project / "data").exists()  # nothing downloaded, nothing written
+
+
+def test_overrides_apply_like_dvc_exp_run_set_and_are_validated():
+    base = load_params(REPO / "params.yaml")
+    p = with_overrides(base, ["train.optimizer.lr=3e-3", "train.batch_size=128", "train.augment.flip=false"])
+    assert (p.train.optimizer.lr, p.train.batch_size, p.train.augment.flip) == (3e-3, 128, False)
+    assert p.train.epochs == base.train.epochs  # everything else untouched
+    with pytest.raises(UserError, match="unknown key 'train.optimizer.lrr'"):
+        with_overrides(base, ["train.optimizer.lrr=1"])
+    with pytest.raises(UserError, match="train.batch_size = 0: Input should be greater than or equal to 1"):
+        with_overrides(base, ["train.batch_size=0"])
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        with_overrides(base, ["train.batch_size"])

@@ -107,7 +107,7 @@ class TrainParams(_Strict):
     augment: AugmentParams
     label_smoothing: float = Field(ge=0, lt=1)
     amp: bool  # bf16 autocast, CUDA only
-    channels_last: bool  # CUDA only
+    channels_last: bool  # NHWC weights, CUDA and CPU
     compile: bool
     deterministic: bool
     optimizer: OptimizerParams
@@ -191,3 +191,24 @@ def flatten(params: Params) -> dict[str, Any]:
 
     walk("", params.model_dump())
     return out
+
+
+def with_overrides(params: Params, overrides: list[str], source: str = "override") -> Params:
+    """`params` with `dotted.key=value` overrides applied, like `dvc exp run -S`, then validated again.
+
+    Values are read as YAML 1.2 (`3e-3` is a float, `[0.9, 0.99]` a list); a key that is not in
+    params.yaml is an error naming it, not a new key.
+    """
+    raw = params.model_dump()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{source}: {item!r}: expected KEY=VALUE, e.g. train.optimizer.lr=3e-4")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise UserError(f"{source}: unknown key {key!r}")
+        node[leaf] = yaml.load(text, Loader=_Yaml12Loader)
+    return parse_params(raw, source)
