@@ -3,16 +3,20 @@
 Measures, on the same data and the same device:
   1. the course's loop: torchvision CIFAR10 dataset + DataLoader (batch 8, 2 workers), the course
      CNN, Adam + ReduceLROnPlateau on validation accuracy, as the course wrote it;
-  2. our engine with the course CNN (params.yaml's training settings, or --batch-size/--no-augment);
-  3. our engine with cifar_resnet (on a CPU only for --resnet-seconds: it is a GPU network);
-  4. the MLflow overhead: configuration 2 with tracking on and off (same seeds, same work).
+  2. our engine with the course CNN and params.yaml's training settings;
+  3. our engine with the course CNN and the fast recipe (FAST_CNN below: params overrides);
+  4. our engine with cifar_resnet (on a CPU only for --resnet-seconds: it is a GPU network);
+  5. the MLflow overhead: configuration 3 with tracking on and off, interleaved.
 For each: training images/s, test accuracy after every epoch, and the training time until the
-test accuracy first reaches the course loop's final (10-epoch) test accuracy. Validation is
-part of training time (the scheduler needs it); the per-epoch test evaluation is not.
+test accuracy first reaches the course loop's final (10-epoch) test accuracy. Validation and the
+per-epoch checkpoint are part of training time (the scheduler needs the one, resuming the other);
+the per-epoch test evaluation is not.
 
-  python benchmarks/bench.py --archive data/raw/cifar-10-python.tar.gz --out benchmarks/results/cpu.json
+  python benchmarks/bench.py --archive data/raw/cifar-10-python.tar.gz --resnet-seconds 60 \
+      --out benchmarks/results/cpu.json
 
-Prints a table and writes JSON.
+Every configuration is params.yaml plus `--set KEY=VALUE` overrides (as `dvc exp run -S`),
+validated before anything runs. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -30,9 +34,18 @@ import torch
 from torch import nn
 
 from cifarpipe import checkpoint, data, engine, split
-from cifarpipe.config import AugmentParams, ModelParams, load_params
+from cifarpipe.config import Params, flatten, load_params, with_overrides
 from cifarpipe.loader import DeviceBatches, channel_stats
 from cifarpipe.models import CourseCNN
+
+
+# The course CNN's fastest settings in our pipeline on a 2-core CPU, from a sweep on the real
+# archive (batch 32-256, lr 1e-3 to 4e-3, crop on/off, label smoothing 0/0.1, patience 0/3):
+# larger batches run more images/s, flip-only augmentation and label smoothing 0.1 help this small
+# net within 10 epochs, and patience 0 cuts the lr as soon as validation stalls (epoch ~5), worth
+# ~3 points at once. Every item is a params.yaml key: `dvc exp run -S ...` reproduces the run.
+FAST_CNN = ["train.batch_size=128", "train.optimizer.lr=0.003", "train.scheduler.patience=0",
+            "train.augment.crop_padding=0", "train.label_smoothing=0.1"]
 
 
 @dataclass
@@ -125,23 +138,24 @@ def course_loop(batch_dir_root: Path, epochs: int, device: torch.device) -> Resu
 
 
 # ---------------------------------------------------------------- 2-4. our engine
-def our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, model_params: ModelParams, epochs: int,
-               batch_size: int, augment: AugmentParams, params, device: torch.device, tracking_dir: Path | None,
-               max_seconds: float | None = None) -> Result:
-    """The train stage's loop: device-resident batches, train_one_epoch, validation, plateau
-    scheduler, a checkpoint per epoch; with `tracking_dir`, MLflow logging exactly as the stage does."""
+def our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, params: Params, device: torch.device,
+               tracking_dir: Path | None, max_seconds: float | None = None) -> Result:
+    """The train stage's loop with `params.model` and `params.train`: device-resident batches,
+    train_one_epoch, validation, plateau scheduler, a checkpoint per epoch; with `tracking_dir`,
+    MLflow logging exactly as the stage does."""
     p = params.train
     train_x, train_y = arrays.train_images[sp.train], arrays.train_labels[sp.train]
     mean, std = channel_stats(train_x)
-    train_b = DeviceBatches(torch.from_numpy(train_x).to(device), torch.from_numpy(train_y), batch_size, mean, std,
-                            augment, seed=p.seed)
+    train_b = DeviceBatches(torch.from_numpy(train_x).to(device), torch.from_numpy(train_y), p.batch_size, mean, std,
+                            p.augment, seed=p.seed)
     val_b = DeviceBatches(torch.from_numpy(arrays.train_images[sp.val]).to(device),
                           torch.from_numpy(arrays.train_labels[sp.val]), 1000, mean, std, shuffle=False)
     test_b = DeviceBatches(torch.from_numpy(arrays.test_images).to(device), torch.from_numpy(arrays.test_labels),
                            1000, mean, std, shuffle=False)
-    setup = engine.build_training(model_params, p, device)
+    setup = engine.build_training(params.model, p, device)
     model, step_model, optimizer, scheduler = setup.model, setup.step_model, setup.optimizer, setup.scheduler
     loss_fn, amp = setup.loss_fn, setup.amp
+    result = Result(name)
 
     tracker = None
     if tracking_dir is not None:
@@ -149,15 +163,16 @@ def our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, model_par
 
         from cifarpipe import tracking
 
+        t_setup = time.perf_counter()
         mlflow.set_tracking_uri(f"sqlite:///{tracking_dir / 'mlflow.db'}")
         tracker = tracking.Tracker.start(tracking.connect(), "benchmark", None)
-        tracker.log_start({"benchmark": name}, {}, tracking.requirements_text())
+        tracker.log_start(flatten(params), {}, tracking.requirements_text())
+        result.extra["tracking_setup_seconds"] = time.perf_counter() - t_setup  # once per run, before epoch 1
     ckpt_path = Path(tempfile.mkdtemp()) / "last.pt"
 
-    result = Result(name)
     tracking_seconds = 0.0
     deadline = time.perf_counter() + max_seconds if max_seconds else None
-    for epoch in range(epochs):
+    for epoch in range(p.epochs):
         sync(device)
         t0 = time.perf_counter()
         stop = (lambda: time.perf_counter() > deadline) if deadline else (lambda: False)
@@ -195,101 +210,117 @@ def our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, model_par
     return result
 
 
+def mlflow_overhead(arrays: data.Cifar10Arrays, sp: split.Split, params: Params, device: torch.device, repeats: int,
+                    tmp: Path) -> dict:
+    """The same training with tracking off and on, interleaved `repeats` times.
+
+    A shared 2-core VM drifts by 10-40 % between runs, more than the effect measured, so two
+    figures are reported: the wall-time ratio (medians), and what tracking itself used during the
+    epochs: the training thread's time in tracker calls plus the logging thread's CPU time. On 2
+    cores both torch threads are busy, so every CPU second the logging thread takes is one the
+    training waits for; that sum is the cost, the wall ratio its noisy cross-check."""
+    offs, ons = [], []
+    for i in range(repeats):
+        offs.append(our_engine(f"tracking off #{i + 1}", arrays, sp, params, device, None))
+        (tmp / f"mlflow{i}").mkdir()
+        ons.append(our_engine(f"tracking on #{i + 1}", arrays, sp, params, device, tmp / f"mlflow{i}"))
+    off_s = float(np.median([r.train_seconds for r in offs]))
+    on_s = float(np.median([r.train_seconds for r in ons]))
+    cost = float(np.median([r.extra["tracking_main_thread_seconds"] + r.extra["tracking_background_cpu_seconds"]
+                            for r in ons]))
+    return {"epochs": params.train.epochs, "seconds_off": [r.train_seconds for r in offs],
+            "seconds_on": [r.train_seconds for r in ons], "wall_overhead_median": on_s / off_s - 1,
+            "tracking_cpu_seconds": cost, "tracking_cpu_share": cost / on_s,
+            "setup_seconds": float(np.median([r.extra["tracking_setup_seconds"] for r in ons]))}
+
+
+def exp_run_command(overrides: list[str]) -> str:
+    return "dvc exp run " + " ".join(f"-S {o}" for o in overrides)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archive", type=Path, required=True, help="the real cifar-10-python.tar.gz")
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="our pipeline's settings")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--course-epochs", type=int, default=10)
-    ap.add_argument("--epochs", type=int, default=10, help="epochs of our engine with the course CNN")
-    ap.add_argument("--batch-size", type=int, help="our engine's batch size (default: params.yaml)")
-    ap.add_argument("--no-augment", action="store_true", help="our engine without crop/flip")
-    ap.add_argument("--resnet-epochs", type=int, default=10)
-    ap.add_argument("--resnet-batch-size", type=int, help="cifar_resnet's batch size (default: --batch-size)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="params override for all our configurations, like dvc exp run -S (repeatable)")
+    ap.add_argument("--fast", action="append", metavar="KEY=VALUE",
+                    help=f"the course CNN's fast recipe instead of the built-in {' '.join(FAST_CNN)}")
+    ap.add_argument("--resnet-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra overrides for the cifar_resnet run, e.g. train.batch_size=512")
     ap.add_argument("--resnet-seconds", type=float, help="stop cifar_resnet after this much training time")
-    ap.add_argument("--tracking-epochs", type=int, default=5, help="epochs of the MLflow on/off comparison (0: skip)")
-    ap.add_argument("--tracking-repeats", type=int, default=2, help="off/on pairs, interleaved (medians reported)")
-    ap.add_argument("--also-no-augment", action="store_true", help="add our engine without crop/flip, batch 32")
-    ap.add_argument("--skip-course", action="store_true")
+    ap.add_argument("--tracking-epochs", type=int, default=3, help="epochs of each MLflow on/off run")
+    ap.add_argument("--tracking-repeats", type=int, default=5, help="off/on pairs, interleaved (medians reported)")
+    ap.add_argument("--skip", action="append", default=[], choices=["course", "fast", "resnet", "tracking"])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.json"))
     args = ap.parse_args()
 
-    params = load_params(args.params)
+    base = with_overrides(load_params(args.params), args.overrides, "--set")
+    fast = ["model.name=course_cnn", *(args.fast or FAST_CNN)]
+    configs = {  # name -> the params of that run (validated before anything is trained)
+        "ours, course CNN, params.yaml": with_overrides(base, ["model.name=course_cnn"], "--set"),
+        "ours, course CNN, fast recipe": with_overrides(base, fast, "--fast"),
+        "ours, cifar_resnet": with_overrides(base, ["model.name=cifar_resnet", *args.resnet_set], "--resnet-set"),
+    }
+    if "fast" in args.skip:
+        del configs["ours, course CNN, fast recipe"]
+    if "resnet" in args.skip:
+        del configs["ours, cifar_resnet"]
     device = engine.pick_device(args.device)
     arrays = data.arrays_from_archive(args.archive)
-    sp = split.make_split(len(arrays.train_labels), params.split.val_fraction, params.split.seed)
-    batch_size = args.batch_size or params.train.batch_size
-    augment = params.train.augment.model_copy(update={"enabled": params.train.augment.enabled and not args.no_augment})
-    course_cnn, resnet = ModelParams(name="course_cnn", width=64), ModelParams(name="cifar_resnet", width=params.model.width)
+    sp = split.make_split(len(arrays.train_labels), base.split.val_fraction, base.split.seed)
 
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if not args.skip_course:
+        if "course" not in args.skip:
             root = tmp / "torchvision"
             for name, raw in data.read_archive(args.archive).items():  # checked members only
                 (root / data.BATCH_DIR).mkdir(parents=True, exist_ok=True)
                 (root / data.BATCH_DIR / name).write_bytes(raw)
             print("1. the course's loop", flush=True)
             results.append(course_loop(root, args.course_epochs, device))
-        print("2. our engine, course CNN", flush=True)
-        ours = our_engine(f"ours, course CNN, batch {batch_size}{'' if augment.enabled else ', no augment'}", arrays,
-                          sp, course_cnn, args.epochs, batch_size, augment, params, device, None)
-        results.append(ours)
-        if args.also_no_augment:
-            plain = augment.model_copy(update={"enabled": False})
-            results.append(our_engine("ours, course CNN, batch 32, no augment", arrays, sp, course_cnn, args.epochs, 32,
-                                      plain, params, device, None))
-        if args.resnet_epochs:
-            print("3. our engine, cifar_resnet", flush=True)
-            resnet_batch = args.resnet_batch_size or batch_size
-            results.append(our_engine(f"ours, cifar_resnet, batch {resnet_batch}", arrays, sp, resnet, args.resnet_epochs,
-                                      resnet_batch, params.train.augment, params, device, None, args.resnet_seconds))
+        for i, (name, params) in enumerate(configs.items(), start=2):
+            print(f"{i}. {name}: {exp_run_command([*args.overrides, *fast]) if 'fast' in name else ''}", flush=True)
+            seconds = args.resnet_seconds if "resnet" in name else None
+            results.append(our_engine(name, arrays, sp, params, device, None, seconds))
         overhead = None
-        if args.tracking_epochs:
-            # A shared 2-core machine drifts by 10-20 % between runs: interleave off/on and take medians,
-            # and count what tracking itself used (training thread + logging thread CPU time).
-            print("4. MLflow overhead: tracking off and on, interleaved", flush=True)
-            offs, ons = [], []
-            for i in range(args.tracking_repeats):
-                offs.append(our_engine(f"tracking off #{i + 1}", arrays, sp, course_cnn, args.tracking_epochs, batch_size,
-                                       augment, params, device, None))
-                (tmp / f"mlflow{i}").mkdir()
-                ons.append(our_engine(f"tracking on #{i + 1}", arrays, sp, course_cnn, args.tracking_epochs, batch_size,
-                                      augment, params, device, tmp / f"mlflow{i}"))
-            off_s = float(np.median([r.train_seconds for r in offs]))
-            on_s = float(np.median([r.train_seconds for r in ons]))
-            cost = float(np.median([r.extra["tracking_main_thread_seconds"] + r.extra["tracking_background_cpu_seconds"]
-                                    for r in ons]))
-            overhead = {"seconds_off": [r.train_seconds for r in offs], "seconds_on": [r.train_seconds for r in ons],
-                        "wall_overhead_median": on_s / off_s - 1, "tracking_cpu_seconds": cost,
-                        "tracking_cpu_share": cost / on_s}
+        if "tracking" not in args.skip:
+            print(f"{len(configs) + 2}. MLflow overhead: the fast recipe, tracking off and on, interleaved", flush=True)
+            # The fast recipe: the shortest epochs, so the largest share for the fixed per-epoch logging.
+            params = with_overrides(base, [*fast, f"train.epochs={args.tracking_epochs}"], "--tracking-epochs")
+            overhead = mlflow_overhead(arrays, sp, params, device, args.tracking_repeats, tmp)
 
-    target = results[0].final_accuracy if not args.skip_course else None
-    base = results[0] if not args.skip_course else None
+    target = results[0].final_accuracy if "course" not in args.skip else None
+    base_result = results[0] if target is not None else None
     print(f"\n{'configuration':<44}{'img/s':>9}{'final acc':>10}{'s to target':>13}{'speed-up':>10}")
     rows = []
     for r in results:
         to_target = r.seconds_to(target) if target is not None else None
-        speedup = base.seconds_to(target) / to_target if base and to_target else None
+        speedup = base_result.seconds_to(target) / to_target if base_result and to_target else None
         rows.append({**asdict(r), "images_per_second": r.images_per_second, "final_accuracy": r.final_accuracy,
                      "seconds_to_target": to_target, "speedup_vs_course": speedup})
         print(f"{r.name:<44}{r.images_per_second:>9.0f}{r.final_accuracy:>10.4f}"
               f"{(f'{to_target:.1f}' if to_target else 'not reached' if target else '-'):>13}{(f'{speedup:.1f}x' if speedup else '-'):>10}")
     if target is not None:
         print(f"target: the course loop's {args.course_epochs}-epoch test accuracy, {target:.4f}")
+    if "fast" not in args.skip:
+        print(f"fast recipe: {exp_run_command([*args.overrides, *fast])}")
     if overhead:
-        print(f"MLflow overhead: tracking used {overhead['tracking_cpu_seconds']:.2f} s of CPU "
-              f"({overhead['tracking_cpu_share']:.2%} of training time); wall time on/off, median of "
-              f"{args.tracking_repeats}: {overhead['wall_overhead_median']:+.2%} "
+        print(f"MLflow overhead ({args.tracking_repeats} interleaved off/on pairs of {args.tracking_epochs} epochs): "
+              f"tracking used {overhead['tracking_cpu_seconds']:.3f} s during training, "
+              f"{overhead['tracking_cpu_share']:.2%} of its time; wall time on/off {overhead['wall_overhead_median']:+.1%} "
               f"(off {', '.join(f'{s:.1f}' for s in overhead['seconds_off'])} s; "
-              f"on {', '.join(f'{s:.1f}' for s in overhead['seconds_on'])} s)")
+              f"on {', '.join(f'{s:.1f}' for s in overhead['seconds_on'])} s); "
+              f"plus {overhead['setup_seconds']:.1f} s once, before epoch 1 (run, params, requirements)")
     report = {"date": date.today().isoformat(), "device": engine.device_name(device) if device.type == "cuda"
               else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
               "torch": torch.__version__, "archive": str(args.archive), "target_accuracy": target,
-              "results": rows, "mlflow_overhead": overhead, "argv": vars(args) | {"archive": str(args.archive),
-                                                                                   "params": str(args.params),
-                                                                                   "out": str(args.out)}}
+              "configurations": {name: flatten(params) for name, params in configs.items()},
+              "results": rows, "mlflow_overhead": overhead,
+              "argv": vars(args) | {"archive": str(args.archive), "params": str(args.params), "out": str(args.out)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(f"wrote {args.out}")

@@ -25,5 +25,5 @@ sed -i 's/for run in range(200)/for run in range(5)/' /tmp/airbench/airbench94_m
 
 # Ours beside the course loop; MLflow is not installed there, its overhead is measured on the CPU.
 timeout 300 python3 benchmarks/bench.py --archive /tmp/cifar-10-python.tar.gz --device cuda \
-  --course-epochs 10 --epochs 10 --batch-size 512 --resnet-epochs 30 --resnet-batch-size 512 \
-  --tracking-epochs 0 --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
+  --resnet-set train.batch_size=512 --resnet-set train.epochs=30 --skip tracking \
+  --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
