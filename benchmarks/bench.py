@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from cifarpipe import checkpoint, data, engine, split
-from cifarpipe.config import Params, flatten, load_params, with_overrides
+from cifarpipe.config import Params, UserError, flatten, load_params, with_overrides
 from cifarpipe.loader import DeviceBatches, channel_stats
 from cifarpipe.models import CourseCNN
 
@@ -345,4 +346,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad --set/--fast/--resnet value or params.yaml: one line, before any training
+        sys.exit(f"error: {e}")
