@@ -7,6 +7,9 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .whl pydantic pydantic-core annotated-types typing-inspection   # the GPU image lacks pydantic
 # Run there (device tool): carry [".gpu", ".whl"], command `bash benchmarks/gpu_bench.sh`, timeout 600 s.
+# Know when reading the figures: the GPU image has its own torch (2.11 with Python 3.12 as of
+# 2026-11, not our pinned 2.14.1; too large to carry), and airbench94 trains on all 50,000 training
+# images while our pipeline trains on 42,500 (15 % is the plateau scheduler's validation set).
 # Writes $OUT/gpu.json (our engine, timed to airbench94's accuracy), $OUT/airbench.{log,json} (airbench94
 # on the same data and card) and $OUT/gpu.txt (the card).
 set -euo pipefail
