@@ -7,7 +7,7 @@ Measures, on the same data and the same device:
   3. our engine with the course CNN and the fast recipe (FAST_CNN below: params overrides);
   4. our engine with cifar_resnet, once per --resnet (on a CPU only for --resnet-seconds: it is
      a GPU network);
-  5. the MLflow overhead: configuration 3 with tracking on and off, interleaved.
+  5. the MLflow overhead: configuration 3 with tracking off, on, and off again, interleaved.
 For each: training images/s, test accuracy after every epoch, and the training time until the
 test accuracy first reaches the course loop's final (10-epoch) test accuracy. Validation and the
 per-epoch checkpoint are part of training time (the scheduler needs the one, resuming the other);
@@ -215,24 +215,29 @@ def our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, params: P
 
 def mlflow_overhead(arrays: data.Cifar10Arrays, sp: split.Split, params: Params, device: torch.device, repeats: int,
                     tmp: Path) -> dict:
-    """The same training with tracking off and on, interleaved `repeats` times.
+    """The same training with tracking off, on, and off again, interleaved `repeats` times.
 
-    A shared 2-core VM drifts by 10-40 % between runs, more than the effect measured, so two
-    figures are reported: the wall-time ratio (medians), and what tracking itself used during the
-    epochs: the training thread's time in tracker calls plus the logging thread's CPU time. On 2
-    cores both torch threads are busy, so every CPU second the logging thread takes is one the
-    training waits for; that sum is the cost, the wall ratio its noisy cross-check."""
-    offs, ons = [], []
+    A shared 2-core VM drifts by 10-40 % between runs, as much as or more than the effect
+    measured, so three figures are reported: the wall-time ratio on/off (medians); the same ratio
+    between the two tracking-off series, which is the noise floor of that comparison (an A/A
+    test); and what tracking itself used during the epochs: the training thread's time in tracker
+    calls plus the logging thread's CPU time. On 2 busy cores every CPU second the logging thread
+    takes is one the training waits for, so that sum is the cost, and the wall ratio, read
+    against the A/A ratio, is its cross-check."""
+    offs, ons, offs_again = [], [], []
     for i in range(repeats):
         offs.append(our_engine(f"tracking off #{i + 1}", arrays, sp, params, device, None))
         (tmp / f"mlflow{i}").mkdir()
         ons.append(our_engine(f"tracking on #{i + 1}", arrays, sp, params, device, tmp / f"mlflow{i}"))
+        offs_again.append(our_engine(f"tracking off again #{i + 1}", arrays, sp, params, device, None))
     off_s = float(np.median([r.train_seconds for r in offs]))
     on_s = float(np.median([r.train_seconds for r in ons]))
+    off_again_s = float(np.median([r.train_seconds for r in offs_again]))
     cost = float(np.median([r.extra["tracking_main_thread_seconds"] + r.extra["tracking_background_cpu_seconds"]
                             for r in ons]))
     return {"epochs": params.train.epochs, "seconds_off": [r.train_seconds for r in offs],
-            "seconds_on": [r.train_seconds for r in ons], "wall_overhead_median": on_s / off_s - 1,
+            "seconds_on": [r.train_seconds for r in ons], "seconds_off_again": [r.train_seconds for r in offs_again],
+            "wall_overhead_median": on_s / off_s - 1, "wall_noise_floor_median": off_again_s / off_s - 1,
             "tracking_cpu_seconds": cost, "tracking_cpu_share": cost / on_s,
             "setup_seconds": float(np.median([r.extra["tracking_setup_seconds"] for r in ons]))}
 
@@ -257,7 +262,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, help="also report the time to this test accuracy (0-1)")
     ap.add_argument("--resnet-seconds", type=float, help="stop cifar_resnet after this much training time")
     ap.add_argument("--tracking-epochs", type=int, default=3, help="epochs of each MLflow on/off run")
-    ap.add_argument("--tracking-repeats", type=int, default=5, help="off/on pairs, interleaved (medians reported)")
+    ap.add_argument("--tracking-repeats", type=int, default=5, help="off/on/off rounds, interleaved (medians reported)")
     ap.add_argument("--skip", action="append", default=[], choices=["course", "fast", "resnet", "tracking"])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.json"))
     args = ap.parse_args()
@@ -295,7 +300,7 @@ def main() -> None:
             results.append(our_engine(name, arrays, sp, params, device, None, seconds))
         overhead = None
         if "tracking" not in args.skip:
-            print(f"{len(configs) + 2}. MLflow overhead: the fast recipe, tracking off and on, interleaved", flush=True)
+            print(f"{len(configs) + 2}. MLflow overhead: the fast recipe, tracking off, on and off again, interleaved", flush=True)
             # The fast recipe: the shortest epochs, so the largest share for the fixed per-epoch logging.
             params = with_overrides(base, [*fast, f"train.epochs={args.tracking_epochs}"], "--tracking-epochs")
             overhead = mlflow_overhead(arrays, sp, params, device, args.tracking_repeats, tmp)
@@ -327,11 +332,13 @@ def main() -> None:
     if "fast" not in args.skip:
         print(f"fast recipe: {exp_run_command([*args.overrides, *fast])}")
     if overhead:
-        print(f"MLflow overhead ({args.tracking_repeats} interleaved off/on pairs of {args.tracking_epochs} epochs): "
+        print(f"MLflow overhead ({args.tracking_repeats} interleaved off/on/off rounds of {args.tracking_epochs} epochs): "
               f"tracking used {overhead['tracking_cpu_seconds']:.3f} s during training, "
               f"{overhead['tracking_cpu_share']:.2%} of its time; wall time on/off {overhead['wall_overhead_median']:+.1%} "
+              f"against {overhead['wall_noise_floor_median']:+.1%} off/off (the noise floor) "
               f"(off {', '.join(f'{s:.1f}' for s in overhead['seconds_off'])} s; "
-              f"on {', '.join(f'{s:.1f}' for s in overhead['seconds_on'])} s); "
+              f"on {', '.join(f'{s:.1f}' for s in overhead['seconds_on'])} s; "
+              f"off again {', '.join(f'{s:.1f}' for s in overhead['seconds_off_again'])} s); "
               f"plus {overhead['setup_seconds']:.1f} s once, before epoch 1 (run, params, requirements)")
     report = {"date": date.today().isoformat(), "device": engine.device_name(device) if device.type == "cuda"
               else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",

@@ -39,7 +39,8 @@ def test_the_benchmark_runs_every_configuration_and_reports_them(tmp_path, tiny_
     assert configs["ours, cifar_resnet train.batch_size=32"]["model.name"] == "cifar_resnet"
     assert "fast recipe: dvc exp run -S train.epochs=2 -S model.name=course_cnn -S train.batch_size=128" in proc.stdout
     overhead = report["mlflow_overhead"]
-    assert len(overhead["seconds_off"]) == len(overhead["seconds_on"]) == 1
+    assert len(overhead["seconds_off"]) == len(overhead["seconds_on"]) == len(overhead["seconds_off_again"]) == 1
+    assert "wall_noise_floor_median" in overhead
     assert overhead["tracking_cpu_seconds"] > 0 and overhead["setup_seconds"] > 0
 
 
