@@ -67,6 +67,10 @@ class Result:
     def final_accuracy(self) -> float:
         return self.epochs[-1]["test_accuracy"] if self.epochs else float("nan")
 
+    @property
+    def best_accuracy(self) -> float:
+        return max((e["test_accuracy"] for e in self.epochs), default=float("nan"))
+
     def seconds_to(self, target: float) -> float | None:
         return next((e["train_seconds"] for e in self.epochs if e["test_accuracy"] >= target), None)
 
@@ -269,17 +273,15 @@ def main() -> None:
 
     base = with_overrides(load_params(args.params), args.overrides, "--set")
     fast = ["model.name=course_cnn", *(args.fast or FAST_CNN)]
-    configs = {  # name -> the params of that run (validated before anything is trained)
-        "ours, course CNN, params.yaml": with_overrides(base, ["model.name=course_cnn"], "--set"),
-        "ours, course CNN, fast recipe": with_overrides(base, fast, "--fast"),
-    }
-    for extra in args.resnet or [""]:
-        configs[f"ours, cifar_resnet {extra}".strip()] = with_overrides(base, ["model.name=cifar_resnet", *extra.split()],
-                                                                        "--resnet")
-    if "fast" in args.skip:
-        del configs["ours, course CNN, fast recipe"]
-    if "resnet" in args.skip:
-        configs = {name: params for name, params in configs.items() if "cifar_resnet" not in name}
+    runs = {"ours, course CNN, params.yaml": (["model.name=course_cnn"], "--set")}  # name -> (overrides, flag)
+    if "fast" not in args.skip:
+        runs["ours, course CNN, fast recipe"] = (fast, "--fast")
+    if "resnet" not in args.skip:
+        for extra in args.resnet or [""]:
+            runs[f"ours, cifar_resnet {extra}".strip()] = (["model.name=cifar_resnet", *extra.split()], "--resnet")
+    # Every run's params validated before anything is trained, and the command that reproduces it.
+    configs = {name: with_overrides(base, overrides, flag) for name, (overrides, flag) in runs.items()}
+    commands = {name: exp_run_command([*args.overrides, *overrides]) for name, (overrides, _) in runs.items()}
     device = engine.pick_device(args.device)
     arrays = data.arrays_from_archive(args.archive)
     sp = split.make_split(len(arrays.train_labels), base.split.val_fraction, base.split.seed)
@@ -295,8 +297,8 @@ def main() -> None:
             print("1. the course's loop", flush=True)
             results.append(course_loop(root, args.course_epochs, device))
         for i, (name, params) in enumerate(configs.items(), start=2):
-            print(f"{i}. {name}: {exp_run_command([*args.overrides, *fast]) if 'fast' in name else ''}", flush=True)
-            seconds = args.resnet_seconds if "cifar_resnet" in name else None
+            print(f"{i}. {name}: {commands[name]}", flush=True)
+            seconds = args.resnet_seconds if params.model.name == "cifar_resnet" else None
             results.append(our_engine(name, arrays, sp, params, device, None, seconds))
         overhead = None
         if "tracking" not in args.skip:
@@ -320,17 +322,16 @@ def main() -> None:
         to_target = r.seconds_to(target) if target is not None else None
         speedup = base_result.seconds_to(target) / to_target if base_result and to_target else None
         to_extra = r.seconds_to(args.target) if args.target is not None else None
-        best = max((e["test_accuracy"] for e in r.epochs), default=float("nan"))
         rows.append({**asdict(r), "images_per_second": r.images_per_second, "final_accuracy": r.final_accuracy,
-                     "best_accuracy": best, "seconds_to_target": to_target, "speedup_vs_course": speedup,
+                     "best_accuracy": r.best_accuracy, "seconds_to_target": to_target, "speedup_vs_course": speedup,
                      "seconds_to_extra_target": to_extra})
-        print(f"{r.name:<{width}}{r.images_per_second:>9.0f}{r.final_accuracy:>10.4f}{best:>10.4f}"
+        print(f"{r.name:<{width}}{r.images_per_second:>9.0f}{r.final_accuracy:>10.4f}{r.best_accuracy:>10.4f}"
               f"{seconds(to_target, target):>13}{(f'{speedup:.1f}x' if speedup else '-'):>10}"
               + (f"{seconds(to_extra, args.target):>14}" if args.target is not None else ""))
     if target is not None:
         print(f"target: the course loop's {args.course_epochs}-epoch test accuracy, {target:.4f}")
     if "fast" not in args.skip:
-        print(f"fast recipe: {exp_run_command([*args.overrides, *fast])}")
+        print(f"fast recipe: {commands['ours, course CNN, fast recipe']}")
     if overhead:
         print(f"MLflow overhead ({args.tracking_repeats} interleaved off/on/off rounds of {args.tracking_epochs} epochs): "
               f"tracking used {overhead['tracking_cpu_seconds']:.3f} s during training, "
@@ -344,7 +345,7 @@ def main() -> None:
               else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
               "torch": torch.__version__, "archive": str(args.archive), "target_accuracy": target,
               "extra_target_accuracy": args.target,
-              "configurations": {name: flatten(params) for name, params in configs.items()},
+              "configurations": {name: flatten(params) for name, params in configs.items()}, "commands": commands,
               "results": rows, "mlflow_overhead": overhead,
               "argv": vars(args) | {"archive": str(args.archive), "params": str(args.params), "out": str(args.out)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

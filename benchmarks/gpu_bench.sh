@@ -4,8 +4,10 @@
 # Prepare here (nothing of this is committed; .gpu/ and .whl/ are listed in .git/info/exclude):
 #   mkdir -p .gpu && cp ../shared/datasets/{cifar10_jpeg.npz,build_cifar10_archive.py} .gpu/
 #   cp <airbench snapshot>/airbench94_muon.py .gpu/          # github.com/KellerJordan/cifar10-airbench
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#       -d .whl pydantic pydantic-core annotated-types typing-inspection   # the GPU image lacks pydantic
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+#   (the GPU image lacks pydantic; pin the versions `.venv/bin/pip show` reports here)
 # Run there (device tool): carry [".gpu", ".whl"], command `bash benchmarks/gpu_bench.sh`, timeout 600 s.
 # Know when reading the figures: the GPU image has its own torch (2.11 with Python 3.12 as of
 # 2026-11, not our pinned 2.14.1; too large to carry), and airbench94 trains on all 50,000 training
