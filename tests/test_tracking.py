@@ -132,3 +132,22 @@ def test_while_the_store_is_down_flushes_do_not_pile_up(tracker):
     assert flaky.calls == 1  # one flush carried all five epochs
     flaky.down = False
     assert t.drain()
+
+
+def test_a_checkpoint_queued_again_before_its_upload_ran_is_uploaded_once_in_its_newest_version(tracker, tmp_path):
+    t, flaky, real = tracker
+    uploads = []
+    flaky.log_artifact = lambda run_id, path, artifact_path=None: (
+        uploads.append(path), real.log_artifact(run_id, path, artifact_path))
+    ckpt = tmp_path / "last.pt"
+    t._pool.submit(lambda: __import__("time").sleep(0.3))  # keep the logging thread busy for 5 epochs
+    for e in range(1, 6):
+        ckpt.write_text(f"epoch {e}")
+        t.log_artifact(ckpt, "checkpoints", background=True)
+    t._pool.submit(lambda: None).result()
+    assert uploads == [str(ckpt)]
+    logged = real.download_artifacts(t.run_id, "checkpoints/last.pt", str(tmp_path / "down"))
+    assert open(logged).read() == "epoch 5"
+    t.log_artifact(ckpt, "checkpoints", background=True)  # queued again once the first upload ran
+    t._pool.submit(lambda: None).result()
+    assert len(uploads) == 2
