@@ -22,7 +22,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Hashable
 
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -116,8 +116,7 @@ class Tracker:
         for key, value in _TRAINING_HTTP.items():
             os.environ.setdefault(key, value)
         self._pending: list[Metric] = []
-        self._flush_queued = False  # one queued flush sends everything pending: no pile-up while the store is down
-        self._artifacts_queued: set[tuple[str, str | None]] = set()
+        self._queued: set[Hashable] = set()  # keys of the jobs waiting in the pool (see _submit_once)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
         self._warned = False
@@ -132,6 +131,21 @@ class Tracker:
                 self.background_cpu_seconds += time.thread_time() - start
 
         return self._pool.submit(timed)
+
+    def _submit_once(self, key: Hashable, job) -> None:
+        """Queue `job` unless a job with the same `key` is still waiting: the waiting one sends the
+        newest state when it runs (all pending metrics; the file as it is then), so a store that is
+        down for many epochs leaves one job per key queued, not one per epoch."""
+        def run_once():
+            with self._lock:
+                self._queued.discard(key)
+            return job()
+
+        with self._lock:
+            if key in self._queued:
+                return
+            self._queued.add(key)
+        self._submit(run_once)
 
     # ------------------------------------------------------------ lifecycle
     @classmethod
@@ -182,14 +196,9 @@ class Tracker:
                 step = int(row["epoch"])
                 self._pending += [Metric(k, float(row[k]), now, step) for k in EPOCH_METRICS
                                   if k in row and step not in skip.get(k, ())]
-            if self._flush_queued:
-                return
-            self._flush_queued = True
-        self._submit(self._flush)
+        self._submit_once("metrics", self._flush)
 
     def _flush(self) -> bool:
-        with self._lock:
-            self._flush_queued = False
         while True:
             with self._lock:
                 chunk = self._pending[:_MAX_BATCH]
@@ -238,22 +247,14 @@ class Tracker:
 
     # ------------------------------------------------------------ artifacts
     def log_artifact(self, path: Path, artifact_path: str | None = None, background: bool = False) -> None:
-        key = (str(path), artifact_path)
-
         def job() -> None:
-            with self._lock:
-                self._artifacts_queued.discard(key)
             try:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
             except Exception as e:  # an artifact failing must never cost the checkpoint on disk
                 print(f"warning: could not log artifact {path} to MLflow ({type(e).__name__}: {e})", file=sys.stderr)
 
         if background:
-            with self._lock:
-                if key in self._artifacts_queued:
-                    return  # an upload of this file is still queued: it will send the newest version
-                self._artifacts_queued.add(key)
-            self._submit(job)
+            self._submit_once(("artifact", str(path), artifact_path), job)
         else:
             self._wait_queue(_DRAIN_WAIT_S)  # keep order with queued jobs
             job()
