@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifarpipe import checkpoint, data, engine, split
+from cifarpipe import atomic, checkpoint, data, engine, split
 from cifarpipe.config import Params, UserError, flatten, load_params, with_overrides
 from cifarpipe.loader import DeviceBatches, channel_stats
 from cifarpipe.models import CourseCNN
@@ -298,8 +298,8 @@ def main() -> None:
         tmp = Path(tmp)
         if "course" not in args.skip:
             root = tmp / "torchvision"
+            (root / data.BATCH_DIR).mkdir(parents=True)
             for name, raw in data.read_archive(args.archive).items():  # checked members only
-                (root / data.BATCH_DIR).mkdir(parents=True, exist_ok=True)
                 (root / data.BATCH_DIR / name).write_bytes(raw)
             print("1. the course's loop", flush=True)
             results.append(course_loop(root, args.course_epochs, device))
@@ -355,8 +355,7 @@ def main() -> None:
               "configurations": {name: flatten(params) for name, params in configs.items()}, "commands": commands,
               "results": rows, "mlflow_overhead": overhead,
               "argv": vars(args) | {"archive": str(args.archive), "params": str(args.params), "out": str(args.out)}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    atomic.write_text(args.out, json.dumps(report, indent=1, default=str) + "\n")  # never a half-written report
     print(f"wrote {args.out}")
 
 
