@@ -195,7 +195,10 @@ def main() -> int:
             signal.signal(s, h)
 
     # ---- finished: weights output, complete checkpoint, artifacts, the model
-    model = model.to("cpu")
+    # NHWC (channels_last) was a training-speed choice; the weights file and the MLflow model get
+    # the standard layout, which loaders expect and torch.export (MLflow's pt2 format) saves
+    # without "No complete tensor found" warnings.
+    model = model.to("cpu", memory_format=torch.contiguous_format)
     checkpoint.save_weights(args.weights, checkpoint.weights_file(model, params, mean, std, arrays.classes))
     checkpoint.save(last_path, make_checkpoint(p.epochs, engine.EpochProgress(), 0.0, complete=True))
     atomic.write_text(args.history, pd.DataFrame(history).to_csv(index=False))
