@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from cifarpipe.config import AugmentParams
@@ -30,6 +31,29 @@ def test_every_index_appears_once_per_epoch_including_the_last_short_batch():
     for x, y in batches.epoch(0):
         seen += x[:, 0, 16, 16].round().long().tolist()
     assert sorted(seen) == list(range(250))
+
+
+def test_training_batches_drop_the_short_last_batch_and_leave_out_other_images_each_epoch():
+    images, labels = numbered_images(250)
+    batches = DeviceBatches(images, labels, 64, [0.0] * 3, [1 / 255] * 3, NO_AUG, seed=3, drop_last=True)
+    assert len(batches) == 3
+    left_out = []
+    for epoch in (0, 1):
+        seen = []
+        for x, y in batches.epoch(epoch):
+            assert len(y) == 64  # never a 58-image (or 4-image) step
+            seen += x[:, 0, 16, 16].round().long().tolist()
+        assert len(seen) == len(set(seen)) == 192
+        left_out.append(set(range(250)) - set(seen))
+    assert left_out[0] != left_out[1]
+    resumed = list(batches.epoch(1, start_step=2))
+    assert len(resumed) == 1 and len(resumed[0][1]) == 64
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_when_dropping_the_last_batch():
+    images, labels = numbered_images(10)
+    with pytest.raises(ValueError, match="larger than the 10 images"):
+        DeviceBatches(images, labels, 64, [0.0] * 3, [1.0] * 3, drop_last=True)
 
 
 def test_labels_stay_aligned_with_their_images_under_augmentation():

@@ -104,6 +104,7 @@ class TrainParams(_Strict):
     log_every: int = Field(ge=0)  # print the running loss every N batches; 0 turns it off
     loader: Literal["device", "dataloader"]
     num_workers: int = Field(ge=0)  # only for loader=dataloader
+    drop_last: bool  # no tiny last batch: its full optimizer step would land right before validation
     augment: AugmentParams
     label_smoothing: float = Field(ge=0, lt=1)
     amp: bool  # bf16 autocast, CUDA only

@@ -6,6 +6,12 @@ over the whole batch. No worker processes, no per-image Python. All randomness o
 from a CPU generator seeded with (seed, e), so batches are identical on any device and an
 interrupted epoch can be resumed at any step.
 
+Training drops each epoch's incomplete last batch (`drop_last`): 42,500 training images leave 4
+over in batches of 64, 128 or 512, and a full Adam step (and BatchNorm update) on 4 images,
+taken right before validation, the scheduler's decision and the saved weights, cost a small
+ResNet 1.9 points of validation accuracy on average in a review. The permutation differs every
+epoch, so each epoch leaves out other images. Evaluation keeps every image.
+
 `dataloader_batches` is the course's path (torch DataLoader, per-image transforms), kept as
 the baseline the benchmarks compare against.
 """
@@ -47,7 +53,7 @@ class DeviceBatches:
 
     def __init__(self, images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  mean: list[float], std: list[float], augment: AugmentParams | None = None,
-                 seed: int = 0, shuffle: bool = True) -> None:
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = False) -> None:
         if images_u8.dtype != torch.uint8 or images_u8.shape[1:] != (32, 32, 3):
             raise ValueError("images must be uint8 (n, 32, 32, 3)")
         self.device = images_u8.device
@@ -64,12 +70,17 @@ class DeviceBatches:
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.drop_last = drop_last
+        if drop_last and len(self.labels) < batch_size:
+            raise ValueError(f"batch size {batch_size} is larger than the {len(self.labels)} images: no full batch")
         # (x - mean) / std as one x * scale + shift (addcmul): half the passes over the batch.
         std_255 = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
         self.scale = 1 / std_255
         self.shift = -torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255 / std_255
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.labels) // self.batch_size
         return -(-len(self.labels) // self.batch_size)  # the last batch may be smaller
 
     def _epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,7 +96,8 @@ class DeviceBatches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, dy, dx, flip = self._epoch_plan(epoch)
         ar = torch.arange(32, device=self.device)
-        for start in range(start_step * self.batch_size, len(order), self.batch_size):
+        end = len(self) * self.batch_size if self.drop_last else len(order)
+        for start in range(start_step * self.batch_size, end, self.batch_size):
             sl = slice(start, start + self.batch_size)
             idx = order[sl]
             rows = dy[sl, None] + ar  # (B, 32): which padded rows form the crop
@@ -111,7 +123,8 @@ class _ArrayDataset(torch.utils.data.Dataset):
 
 def dataloader_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, mean: list[float],
                        std: list[float], augment: AugmentParams | None, seed: int, epoch: int,
-                       num_workers: int = 0, shuffle: bool = True) -> torch.utils.data.DataLoader:
+                       num_workers: int = 0, shuffle: bool = True, drop_last: bool = False
+                       ) -> torch.utils.data.DataLoader:
     from torchvision import transforms as T  # imported here: only the baseline path needs torchvision
 
     steps = [T.ToPILImage()]
@@ -123,4 +136,4 @@ def dataloader_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, 
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     return torch.utils.data.DataLoader(_ArrayDataset(images, labels, T.Compose(steps)), batch_size=batch_size,
-                                       shuffle=shuffle, generator=g, num_workers=num_workers)
+                                       shuffle=shuffle, generator=g, num_workers=num_workers, drop_last=drop_last)
