@@ -6,6 +6,8 @@ atomically; running the stage again (`dvc repro`) continues from it, in the same
 """
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
 import time
@@ -20,6 +22,12 @@ from cifarpipe import atomic, checkpoint, data, engine, faults, split, tracking
 from cifarpipe.cli import run_stage, stage_parser
 from cifarpipe.config import UserError, flatten, load_params
 from cifarpipe.loader import DeviceBatches, channel_stats, dataloader_batches
+
+
+# The code whose change makes a half-trained checkpoint someone else's: it is part of the job's
+# fingerprint, so other code never continues it silently.
+_LIB = Path(engine.__file__).parent
+TRAINING_CODE = [Path(__file__), _LIB / "engine.py", _LIB / "loader.py", _LIB / "models.py"]
 
 
 class StopRequest:
@@ -37,9 +45,16 @@ class StopRequest:
         tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after the current batch ...")
 
 
+def training_summary(history: list[dict[str, float]]) -> dict[str, float]:
+    """The training side of `dvc metrics`: best validation accuracy, its epoch, the time spent."""
+    best = max(history, key=lambda row: row["val_accuracy"])
+    return {"best_val_accuracy": best["val_accuracy"], "best_epoch": int(best["epoch"]), "epochs": len(history),
+            "train_seconds": round(sum(row["epoch_seconds"] for row in history), 1)}
+
+
 def main() -> int:
     ap = stage_parser(__doc__.splitlines()[0])
-    for name in ("--data", "--split", "--checkpoint-dir", "--weights", "--history", "--run-id"):
+    for name in ("--data", "--split", "--checkpoint-dir", "--weights", "--history", "--run-id", "--metrics"):
         ap.add_argument(name, type=Path, required=True)
     args = ap.parse_args()
     params = load_params(args.params)
@@ -52,13 +67,20 @@ def main() -> int:
     split_text = args.split.read_text()
     sp = split.from_json(split_text)
     split_hash = split.split_hash(split_text)
-    fingerprint = checkpoint.fingerprint(flat, params.data.md5, split_hash)
+    fingerprint = checkpoint.fingerprint(flat, params.data.md5, split_hash, checkpoint.code_digest(TRAINING_CODE))
 
-    args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    for stale in atomic.remove_stale_temporaries(args.checkpoint_dir):
+    # One folder per job (params + data + code): experiments never overwrite each other's checkpoints.
+    job_dir = args.checkpoint_dir / fingerprint
+    job_dir.mkdir(parents=True, exist_ok=True)
+    for stale in atomic.remove_stale_temporaries(job_dir):
         print(f"removed {stale.name}, left by an interrupted write")
-    last_path, best_path = args.checkpoint_dir / "last.pt", args.checkpoint_dir / "best.pt"
-    resume, abandoned_run = checkpoint.load_for_resume(last_path, fingerprint)
+    last_path, best_path = job_dir / "last.pt", job_dir / "best.pt"
+    resume = checkpoint.load_if_present(last_path)
+    mlflow_project_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run .` created for this job
+    if resume and resume["complete"] and mlflow_project_run not in (None, resume["mlflow_run_id"]):
+        print(f"{last_path}: this training finished in MLflow run {resume['mlflow_run_id']}; "
+              f"`mlflow run` created run {mlflow_project_run} for a new one, so it trains again")
+        resume = None
 
     # ---- model, optimizer, scheduler (the course's recipe; values from params.yaml)
     setup = engine.build_training(params.model, p, device)
@@ -68,22 +90,25 @@ def main() -> int:
     # ---- data: the training part of the split, resident on the device
     train_x, train_y = arrays.train_images[sp.train], arrays.train_labels[sp.train]
     val_x, val_y = arrays.train_images[sp.val], arrays.train_labels[sp.val]
+    if p.drop_last and p.batch_size > len(train_y):
+        raise UserError(f"params.yaml: train.batch_size = {p.batch_size}: larger than the {len(train_y)} "
+                        "training images, so there is no full batch (train.drop_last is true)")
     mean, std = channel_stats(train_x)
     val_batches = DeviceBatches(torch.from_numpy(val_x).to(device), torch.from_numpy(val_y), params.evaluate.batch_size,
                                 mean, std, augment=None, shuffle=False)
     if p.loader == "device":
         train_batches = DeviceBatches(torch.from_numpy(train_x).to(device), torch.from_numpy(train_y), p.batch_size,
-                                      mean, std, p.augment, seed=p.seed)
+                                      mean, std, p.augment, seed=p.seed, drop_last=p.drop_last)
         steps_per_epoch = len(train_batches)
 
         def epoch_batches(epoch: int, start_step: int):
             return train_batches.epoch(epoch, start_step)
     else:  # the course's DataLoader path, the baseline; resumes at epoch boundaries only
-        steps_per_epoch = -(-len(train_y) // p.batch_size)
+        steps_per_epoch = len(train_y) // p.batch_size if p.drop_last else -(-len(train_y) // p.batch_size)
 
         def epoch_batches(epoch: int, start_step: int):
             loader = dataloader_batches(train_x, train_y, p.batch_size, mean, std, p.augment, p.seed, epoch,
-                                        num_workers=p.num_workers)
+                                        num_workers=p.num_workers, drop_last=p.drop_last)
             return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
 
     # ---- resume or start
@@ -99,24 +124,44 @@ def main() -> int:
             progress = engine.EpochProgress()  # DataLoader order can't be replayed mid-epoch: redo the epoch
         carried_seconds = resume["epoch_seconds_so_far"] if progress.step else 0.0
         run_id = resume["mlflow_run_id"]
-        print(f"resuming from {last_path}: epoch {start_epoch + 1}, batch {progress.step} of {steps_per_epoch}")
+        if start_epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
+            print(f"{last_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
+                  f"{run_id} from it (no retraining)")
+        else:
+            print(f"resuming from {last_path}: epoch {start_epoch + 1}, batch {progress.step} of {steps_per_epoch}")
 
-    if abandoned_run:
-        tracking.mark_abandoned(client, abandoned_run, "params or data changed before it finished")
-    tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id)
-    if resume and run_id and tracker.run_id != run_id:  # e.g. `mlflow run .` continues a killed job
+    # Runs this workspace left RUNNING: a job killed before its first checkpoint is continued in
+    # its own run (it logged no epoch yet, and training from the seed redoes exactly its work);
+    # any other is marked KILLED, and resumes from its checkpoint folder if its params come back.
+    workspace = tracking.workspace_tags()
+    for orphan in tracking.running_runs(client, params.tracking.experiment, workspace["workspace_key"]):
+        orphan_id = orphan.info.run_id
+        if orphan_id in (run_id, mlflow_project_run):
+            continue
+        if (run_id is None and not resume and orphan.data.tags.get("fingerprint") == fingerprint
+                and not tracking.has_epoch_metrics(client, orphan_id)):
+            run_id = orphan_id
+            print(f"continuing MLflow run {run_id}: its training was killed before the first checkpoint")
+        else:
+            tracking.mark_abandoned(client, orphan_id, "interrupted; another training ran in its workspace "
+                                                       "(it resumes from its checkpoint if its params return)")
+
+    tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id,
+                                     create_tags={**workspace, "fingerprint": fingerprint})
+    if run_id and tracker.run_id != run_id:  # e.g. `mlflow run .` continues a killed job
         tracking.mark_abandoned(client, run_id, f"continued in run {tracker.run_id}")
     atomic.write_text(args.run_id, tracker.run_id + "\n")
     if resume and tracker.run_id == run_id:
         tracker.queue_history(history, skip=tracker.logged_steps())  # fill what the killed process never sent
     else:
-        tags = {**tracking.git_state(), **tracking.environment_tags(engine.device_name(device)),
+        tags = {**tracking.git_state(), **tracking.environment_tags(engine.device_name(device)), **workspace,
                 "data_md5": params.data.md5, "split_hash": split_hash, "fingerprint": fingerprint,
                 "deterministic": str(p.deterministic).lower()}
         tracker.log_start(flat, tags, tracking.requirements_text())
         tracker.queue_history(history)  # a resumed job in a new run (the old one was deleted): all epochs
-    print(f"training {params.model.name} on {device} for {p.epochs} epochs, {len(train_y)} images "
-          f"({steps_per_epoch} batches of {p.batch_size}); MLflow run {tracker.run_id} in {tracking.tracking_uri()}")
+    print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} of "
+          f"{len(train_y)} images per epoch ({steps_per_epoch} batches of {p.batch_size}); MLflow run "
+          f"{tracker.run_id} in {tracking.tracking_uri()}")
 
     def make_checkpoint(epoch_done: int, prog: engine.EpochProgress, seconds: float, complete: bool = False) -> dict:
         return {"epoch": epoch_done, "model_state_dict": model.state_dict(),
@@ -200,8 +245,10 @@ def main() -> int:
     # without "No complete tensor found" warnings.
     model = model.to("cpu", memory_format=torch.contiguous_format)
     checkpoint.save_weights(args.weights, checkpoint.weights_file(model, params, mean, std, arrays.classes))
-    checkpoint.save(last_path, make_checkpoint(p.epochs, engine.EpochProgress(), 0.0, complete=True))
     atomic.write_text(args.history, pd.DataFrame(history).to_csv(index=False))
+    atomic.write_text(args.metrics, json.dumps(training_summary(history), indent=2) + "\n")
+    checkpoint.save(last_path, make_checkpoint(p.epochs, engine.EpochProgress(), 0.0, complete=True))
+    faults.hit("finish", p.epochs)
     try:
         tracker.drain(fallback=args.checkpoint_dir / "mlflow_unlogged.json")
         for path in (last_path, best_path):

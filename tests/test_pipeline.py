@@ -5,6 +5,7 @@ import json
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -142,3 +143,55 @@ def test_mlflow_run_entry_in_a_bare_environment_explains_the_env_manager(tmp_pat
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "--env-manager local" in proc.stderr and "torch" in proc.stderr
+
+
+def test_experiments_compare_in_dvc_and_applying_one_reruns_nothing(project):
+    run(["dvc", "repro"], project)
+    git_commit(project, "baseline results")  # metrics and plots files are committed, DVC's convention
+    run(["dvc", "exp", "run", "-n", "lr-3e-3", "-S", "train.optimizer.lr=0.003"], project)
+    run(["dvc", "exp", "run", "-n", "batch-16", "-S", "train.batch_size=16"], project)
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    accuracies = {}
+    for commit in shown:
+        for exp in [commit] + [e for group in commit.get("experiments") or [] for e in group["revs"]]:
+            metrics = (exp.get("data") or {}).get("metrics") or {}
+            test = metrics.get("outputs/metrics.json", {}).get("data", {})
+            train = metrics.get("outputs/train_metrics.json", {}).get("data", {})
+            assert "error" not in json.dumps(metrics), exp
+            accuracies[exp.get("name") or exp["rev"]] = (test.get("accuracy"), train.get("best_val_accuracy"))
+    assert {"lr-3e-3", "batch-16"} <= accuracies.keys()
+    assert all(a is not None and b is not None for a, b in accuracies.values()), accuracies
+
+    diff = json.loads(run(["dvc", "metrics", "diff", "lr-3e-3", "batch-16", "--json"], project).stdout)
+    assert {"accuracy", "loss", "per_class_accuracy.cat"} <= diff["outputs/metrics.json"].keys()
+    assert "best_val_accuracy" in diff["outputs/train_metrics.json"]
+    plots = json.loads(run(["dvc", "plots", "diff", "lr-3e-3", "batch-16", "--json", "--split"], project).stdout)
+    assert sorted(plots) == ["accuracy", "confusion", "learning_rate", "loss"]  # no default twins of the files
+
+    # Back to the first experiment: its results are in git and DVC's cache, so nothing reruns,
+    # and neither experiment's checkpoints were touched by the other.
+    run(["dvc", "exp", "apply", "lr-3e-3"], project)
+    assert ran(run(["dvc", "repro"], project).stdout) == set()
+    assert "up to date" in run(["dvc", "status"], project).stdout
+    assert len(list((project / "outputs/checkpoints").iterdir())) == 3
+    lr_run = [r for r in all_runs(project) if r.data.params["train.optimizer.lr"] == "0.003"]
+    assert (project / "outputs/run_id.txt").read_text().strip() == lr_run[0].info.run_id
+
+
+def test_the_plateau_scheduler_fires_and_the_lr_curve_shows_it(project):
+    # patience 0 and a 50 % relative threshold: almost every epoch counts as "no improvement".
+    set_params(project, **{"train.epochs": 4, "train.scheduler.patience": 0, "train.scheduler.threshold": 0.5})
+    run(["dvc", "repro", "train"], project)
+    history = pd.read_csv(project / "outputs/history.csv")
+    best, expected = float("-inf"), [0.001]
+    for acc in history["val_accuracy"][:-1]:  # ReduceLROnPlateau's rule (mode max, threshold_mode rel)
+        improved = acc > best * 1.5
+        best = acc if improved else best
+        expected.append(expected[-1] if improved else expected[-1] * 0.1)
+    assert history["lr"].tolist() == pytest.approx(expected, rel=1e-9)
+    assert len(set(expected)) > 1, "the scheduler never fired: the test proves nothing"
+    client = store(project)
+    run_id = (project / "outputs/run_id.txt").read_text().strip()
+    logged = [m.value for m in sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)]
+    assert logged == pytest.approx(expected, rel=1e-9)

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -20,12 +21,31 @@ def runs_of(project: Path):
     return client, client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+TIMING = {"epoch_seconds", "images_per_second"}  # wall-clock figures: the only values allowed to differ
+
+
 def final_weights(project: Path) -> dict[str, torch.Tensor]:
     return torch.load(project / "outputs/model.pt", weights_only=True)["state_dict"]
 
 
+def job_dir(project: Path) -> Path:
+    """The checkpoint folder of the (one) training job: outputs/checkpoints/<fingerprint>/."""
+    folders = [d for d in (project / "outputs/checkpoints").iterdir() if d.is_dir()]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def last_checkpoint(project: Path) -> dict | None:
+    path = job_dir(project) / "last.pt"
+    return torch.load(path, weights_only=True) if path.exists() else None
+
+
 def strays(project: Path) -> list[str]:
     return [str(p) for folder in ("outputs", "data") for p in (project / folder).rglob("*") if p.name.endswith(".tmp")]
+
+
+def without_timing(csv: Path) -> list[dict]:
+    return pd.read_csv(csv).drop(columns=sorted(TIMING)).to_dict("records")
 
 
 @pytest.fixture(scope="module")
@@ -50,35 +70,76 @@ def fresh_copy(seed: Path, dest: Path) -> Path:
 
 
 def assert_same_as_uninterrupted(project: Path, done: Path) -> None:
+    """Bitwise the same weights, the same test metrics, the same history (every epoch once, every
+    value equal but wall-clock time), in one FINISHED MLflow run whose curves equal the reference's."""
     a, b = final_weights(project), final_weights(done)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((project / "outputs/metrics.json").read_text()) == json.loads((done / "outputs/metrics.json").read_text())
+    assert without_timing(project / "outputs/history.csv") == without_timing(done / "outputs/history.csv")
+    summary, reference = (json.loads((p / "outputs/train_metrics.json").read_text()) for p in (project, done))
+    summary.pop("train_seconds"), reference.pop("train_seconds")
+    assert summary == reference
     client, runs = runs_of(project)
-    assert len(runs) == 1, "a resumed training must continue the same MLflow run"
+    assert [r.info.status for r in runs] == ["FINISHED"], "a resumed training must finish the one MLflow run"
     r = runs[0]
-    assert r.info.status == "FINISHED"
+    done_client, done_runs = runs_of(done)
     for key in EPOCH_METRICS:
-        steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
-        assert sorted(steps) == list(range(1, EPOCHS + 1)), f"{key}: {steps}"
-    _, done_runs = runs_of(done)
-    for key in ("train_loss", "val_accuracy", "val_loss", "test_accuracy"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, key))
+        assert [step for step, _ in history] == list(range(1, EPOCHS + 1)), f"{key}: {history}"
+        if key not in TIMING:
+            expected = sorted((m.step, m.value) for m in done_client.get_metric_history(done_runs[0].info.run_id, key))
+            assert history == expected, key
+    for key in ("test_accuracy", "test_loss"):
         assert r.data.metrics[key] == done_runs[0].data.metrics[key], key
+    model_artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "checkpoints")}
+    assert model_artifacts == {"checkpoints/last.pt", "checkpoints/best.pt"}
     assert strays(project) == []
 
 
-@pytest.mark.parametrize("fault", [
-    "step:2:5",            # SIGKILL inside epoch 2
-    "validation:2",        # SIGKILL while validating epoch 2
-    "checkpoint_write:2",  # SIGKILL with epoch 2's checkpoint half written
-    "after_checkpoint:1",  # SIGKILL right after epoch 1's checkpoint, before its metrics were sent
-])
+# Each fault: where CIFARPIPE_FAULT kills training (SIGKILL), and what must be on disk right after,
+# so a test proves the kill landed where it says.
+FAULTS = {
+    "step:1:3": "before the first checkpoint",
+    "step:2:5": "inside epoch 2",
+    "validation:2": "while validating epoch 2",
+    "checkpoint_write:2": "with epoch 2's checkpoint half written",
+    "after_checkpoint:1": "right after epoch 1's checkpoint, before its metrics were sent",
+    f"after_checkpoint:{EPOCHS}": "after the last epoch's checkpoint, before the final outputs",
+    f"finish:{EPOCHS}": "after the final checkpoint and outputs, before the MLflow run is complete",
+}
+
+
+def assert_killed_where_said(project: Path, fault: str, killed) -> None:
+    ckpt = last_checkpoint(project)
+    client, runs = runs_of(project)
+    assert [r.info.status for r in runs] == ["RUNNING"]  # SIGKILL: nothing could mark it
+    logged = runs[0].data.metrics
+    if fault == "step:1:3":
+        assert ckpt is None and "epoch   1/" not in killed.stdout and "val_accuracy" not in logged
+        return
+    assert (ckpt["epoch"], ckpt["step"]) == {"step:2:5": (1, 0), "validation:2": (1, 0), "checkpoint_write:2": (1, 0),
+                                             "after_checkpoint:1": (1, 0)}.get(fault, (EPOCHS, 0))
+    if fault == "checkpoint_write:2":
+        assert strays(project), "the kill must land with a temporary checkpoint file half written"
+    if fault == "after_checkpoint:1":
+        assert "val_accuracy" not in logged  # its metrics were never queued
+    if fault.startswith("finish"):
+        assert ckpt["complete"] and (project / "outputs/model.pt").exists()
+    else:
+        assert not ckpt["complete"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
 def test_sigkill_then_dvc_repro_resumes_to_the_same_result(baseline, tmp_path, fault):
     seed, done = baseline
     project = fresh_copy(seed, tmp_path / "p")
     killed = run(["dvc", "repro"], project, env={"CIFARPIPE_FAULT": fault}, check=False)
     assert killed.returncode != 0
-    resumed = run(["dvc", "repro"], project)
-    assert "resuming from outputs/checkpoints/last.pt" in resumed.stdout
+    assert_killed_where_said(project, fault, killed)
+    resumed = run(["dvc", "repro"], project).stdout
+    expected = {"step:1:3": "killed before the first checkpoint", f"after_checkpoint:{EPOCHS}": "all 3 epochs are trained",
+                f"finish:{EPOCHS}": "all 3 epochs are trained"}.get(fault, "resuming from outputs/checkpoints/")
+    assert expected in resumed
     assert_same_as_uninterrupted(project, done)
 
 
@@ -89,8 +150,8 @@ def test_sigint_saves_mid_epoch_and_resumes_exactly(baseline, tmp_path):
     assert stopped.returncode == 130
     assert "stopped in epoch 2 after batch 4" in stopped.stdout and "dvc repro" in stopped.stdout
     assert "Traceback" not in stopped.stderr
-    ckpt = torch.load(project / "outputs/checkpoints/last.pt", weights_only=True)
-    assert (ckpt["epoch"], ckpt["step"]) == (1, 4)
+    ckpt = last_checkpoint(project)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 4) and ckpt["epoch_progress"]["seen"] == 4 * 32
     _, runs = runs_of(project)
     assert runs[0].info.status == "KILLED"
     resumed = run(["dvc", "repro"], project)
@@ -105,20 +166,39 @@ def test_two_fresh_runs_give_identical_results(baseline, tmp_path):
     assert_same_as_uninterrupted(project, done)
 
 
-def test_a_checkpoint_from_other_params_is_kept_and_not_resumed(baseline, tmp_path):
+def test_other_params_train_in_their_own_folder_and_switching_back_resumes(baseline, tmp_path):
     seed, _ = baseline
     project = fresh_copy(seed, tmp_path / "p")
     run(["dvc", "repro"], project, env={"CIFARPIPE_FAULT": "after_checkpoint:1"}, check=False)
-    old = torch.load(project / "outputs/checkpoints/last.pt", weights_only=True)
+    first = job_dir(project)
+    old = torch.load(first / "last.pt", weights_only=True)
     set_params(project, **{"train.optimizer.lr": 0.002})
     out = run(["dvc", "repro"], project).stdout
-    assert "not resuming it" in out and "starting fresh" in out
-    kept = project / f"outputs/checkpoints/last.stale-{old['fingerprint']}.pt"
-    assert kept.exists()
+    assert "resuming" not in out
     client, runs = runs_of(project)
     status = {r.info.run_id: r.info.status for r in runs}
     assert status[old["mlflow_run_id"]] == "KILLED"  # not left RUNNING forever
     assert sorted(status.values()) == ["FINISHED", "KILLED"]
+    assert torch.load(first / "last.pt", weights_only=True)["epoch"] == 1  # untouched by the other job
+    assert len(list((project / "outputs/checkpoints").iterdir())) == 2
+
+    set_params(project, **{"train.optimizer.lr": 0.001})
+    back = run(["dvc", "repro"], project).stdout
+    assert f"resuming from {first.relative_to(project)}/last.pt: epoch 2" in back
+    _, runs = runs_of(project)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_other_training_code_never_resumes_a_checkpoint(baseline, tmp_path):
+    seed, _ = baseline
+    project = fresh_copy(seed, tmp_path / "p")
+    own_code = {"PYTHONPATH": str(project / "src")}  # the stages run this copy's library
+    run(["dvc", "repro"], project, env={**own_code, "CIFARPIPE_FAULT": "after_checkpoint:1"}, check=False)
+    with open(project / "src/cifarpipe/engine.py", "a") as f:
+        f.write("\n# a change to the training loop\n")
+    out = run(["dvc", "repro"], project, env=own_code).stdout
+    assert "resuming" not in out
+    assert len(list((project / "outputs/checkpoints").iterdir())) == 2
 
 
 def test_an_unreachable_store_stops_training_before_it_starts(baseline, tmp_path):
@@ -129,4 +209,4 @@ def test_an_unreachable_store_stops_training_before_it_starts(baseline, tmp_path
     assert proc.returncode != 0
     assert f"the MLflow tracking store {uri} is unreachable" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (project / "outputs/checkpoints/last.pt").exists()
+    assert not (project / "outputs/checkpoints").exists()

@@ -4,7 +4,12 @@ Keys (the course's first): epoch, model_state_dict, optimizer_state_dict, schedu
 loss; then step (optimizer steps into the unfinished epoch, 0 at an epoch boundary),
 epoch_progress (that epoch's running sums), history (one dict of metrics per finished epoch),
 best_val_accuracy, rng (torch CPU and CUDA generator states), mlflow_run_id, fingerprint and
-complete. Only tensors, numbers, strings, lists and dicts: `torch.load(weights_only=True)` reads
+complete (True once the last epoch is done and the final outputs are about to be written).
+
+Each job keeps its checkpoints in a folder of its own, `<checkpoint dir>/<fingerprint>/`, where
+the fingerprint hashes the training params, the data and the training code: one experiment
+never overwrites another's checkpoints, and switching back to earlier params resumes (or
+completes) that job instead of retraining it. Only tensors, numbers, strings, lists and dicts: `torch.load(weights_only=True)` reads
 it, so loading a checkpoint never runs code from the file.
 """
 from __future__ import annotations
@@ -24,11 +29,21 @@ from cifarpipe.config import Params, UserError
 _NOT_FINGERPRINTED = {"train.log_every", "train.device", "train.num_workers"}
 
 
-def fingerprint(flat_params: dict[str, Any], data_md5: str, split_hash: str) -> str:
-    """Hash of the training-relevant params and the data: a checkpoint resumes only into the same job."""
+def code_digest(files: list[Path]) -> str:
+    """Hash of the source files that shape training (the loop, the batches, the networks, the stage)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(p) for p in files):
+        h.update(f.name.encode() + b"\0" + Path(f).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def fingerprint(flat_params: dict[str, Any], data_md5: str, split_hash: str, code: str) -> str:
+    """Hash of the training-relevant params, the data and the training code: a checkpoint resumes
+    only into the same job. Other code never continues a half-trained checkpoint silently."""
     relevant = {k: v for k, v in flat_params.items()
                 if k.split(".")[0] in ("model", "train") and k not in _NOT_FINGERPRINTED}
-    blob = json.dumps({"params": relevant, "data_md5": data_md5, "split_hash": split_hash}, sort_keys=True)
+    blob = json.dumps({"params": relevant, "data_md5": data_md5, "split_hash": split_hash, "code": code},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -75,29 +90,12 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
-def load_for_resume(path: Path, expected_fingerprint: str, log=print) -> tuple[dict[str, Any] | None, str | None]:
-    """(checkpoint to resume or None to start fresh, MLflow run id of an abandoned unfinished job).
-
-    Policy: an unfinished checkpoint with the same fingerprint is resumed. One whose params or
-    data differ is never resumed silently: it is kept, renamed to `<name>.stale-<fingerprint>.pt`,
-    and training starts fresh with a message saying so; its MLflow run is returned so the caller
-    can mark it KILLED rather than leave it RUNNING. A checkpoint of a finished training is the
-    result of an earlier job, so a new run (DVC reran the stage) starts fresh.
-    """
-    path = Path(path)
-    if not path.exists():
-        return None, None
-    ckpt = load(path)
-    if ckpt.get("complete"):
-        log(f"{path}: previous training finished; starting a new one")
-        return None, None
-    if ckpt.get("fingerprint") != expected_fingerprint:
-        kept = path.with_name(f"{path.stem}.stale-{ckpt.get('fingerprint', 'unknown')}.pt")
-        path.replace(kept)
-        log(f"{path}: an unfinished training with other params or data (fingerprint {ckpt.get('fingerprint')}, "
-            f"now {expected_fingerprint}); not resuming it. Kept as {kept}; starting fresh.")
-        return None, ckpt.get("mlflow_run_id")
-    return ckpt, None
+def load_if_present(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at `path`, or None if there is none yet."""
+    try:
+        return load(path)
+    except FileNotFoundError:
+        return None
 
 
 def weights_file(model: torch.nn.Module, params: Params, mean: list[float], std: list[float],

@@ -12,6 +12,7 @@ Because the checkpoint's history is the source of truth, a resumed job re-sends 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -97,6 +98,27 @@ def environment_tags(device_name: str) -> dict[str, str]:
             "cuda": torch.version.cuda or "none", "host_platform": platform.platform()}
 
 
+def workspace_tags() -> dict[str, str]:
+    """Which copy of the project a run trains in: tags a run at creation, so a run whose process
+    was killed before its first checkpoint can be found again (see the train stage). The key is a
+    hash, safe in a search filter whatever characters the folder's path has."""
+    where = f"{platform.node()}:{Path.cwd().resolve()}"
+    return {"workspace": where, "workspace_key": hashlib.sha256(where.encode()).hexdigest()[:16]}
+
+
+def running_runs(client: MlflowClient, experiment: str, workspace_key: str) -> list:
+    """Runs of `experiment` created in this workspace that are still RUNNING, newest first."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
+                              filter_string=f"attributes.status = 'RUNNING' and tags.workspace_key = '{workspace_key}'")
+
+
+def has_epoch_metrics(client: MlflowClient, run_id: str) -> bool:
+    return any(k in EPOCH_METRICS for k in client.get_run(run_id).data.metrics)
+
+
 def mark_abandoned(client: MlflowClient, run_id: str, why: str) -> None:
     """A killed job's run that will not be continued: KILLED instead of RUNNING forever."""
     try:
@@ -149,9 +171,11 @@ class Tracker:
 
     # ------------------------------------------------------------ lifecycle
     @classmethod
-    def start(cls, client: MlflowClient, experiment: str, resume_run_id: str | None, log=print) -> "Tracker":
+    def start(cls, client: MlflowClient, experiment: str, resume_run_id: str | None, log=print,
+              create_tags: dict[str, str] | None = None) -> "Tracker":
         """Adopt MLFLOW_RUN_ID (the run `mlflow run .` created: it must not stay empty); else resume
-        `resume_run_id` if the store still has it; else create a new run in `experiment`."""
+        `resume_run_id` if the store still has it; else create a new run in `experiment`, tagged
+        with `create_tags` in the same call (no moment exists where the run lacks them)."""
         for run_id, why in ((os.environ.get("MLFLOW_RUN_ID"), "mlflow run"), (resume_run_id, "resuming")):
             if not run_id:
                 continue
@@ -167,7 +191,7 @@ class Tracker:
             return cls(client, run_id)
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        run = client.create_run(exp_id)
+        run = client.create_run(exp_id, tags=create_tags or {})
         return cls(client, run.info.run_id)
 
     def log_start(self, params: dict[str, Any], tags: dict[str, str], requirements: str) -> None:
