@@ -74,8 +74,12 @@ def make_deterministic() -> None:
 
 
 def amp_enabled(requested: bool, device: torch.device) -> bool:
-    """bf16 autocast: CUDA only, and only on GPUs that have bf16 (Ampere or newer)."""
-    return requested and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 autocast: CUDA only, and only on GPUs with native bf16 (Ampere or newer).
+
+    `is_bf16_supported()` alone also says yes where bf16 is only emulated (V100, T4: slower than
+    fp32 there), so emulation is excluded explicitly.
+    """
+    return requested and device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 @dataclass
@@ -169,9 +173,13 @@ def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False, tta_flip:
     for x, y in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
-            if tta_flip:  # average with the mirror image: flips are label-preserving in CIFAR-10
-                logits = (logits + model(x.flip(3))) / 2
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            flipped = model(x.flip(3)) if tta_flip else None  # flips are label-preserving in CIFAR-10
+        # fp32 from here: bf16 keeps 8 significant bits, so a flip average in bf16 rounds (1.0 +
+        # 1.0078 is 2.0, a tie with 1.0 + 1.0) and argmax then takes the lower class index.
+        logits = logits.float()
+        if flipped is not None:
+            logits = (logits + flipped.float()) / 2
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         pred = logits.argmax(1)
         correct += (pred == y).sum()
         preds.append(pred)
