@@ -134,3 +134,27 @@ def test_evaluate_averages_flips_and_takes_argmax_in_fp32_under_bf16_autocast():
     assert result.predictions.tolist() == [1] and result.accuracy == 1.0
     assert result.loss == pytest.approx(F.cross_entropy((views[0].float() + views[1].float()) / 2, y).item())
 
+
+def test_the_reported_train_loss_is_plain_cross_entropy_while_smoothing_is_optimized():
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="course_cnn", width=64))
+    (x, y), = tiny_batches(16, 16)
+    smoothed_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.3)
+    with torch.no_grad():
+        model.fc3.weight.mul_(50)  # confident logits, where smoothing changes the loss a lot
+    with torch.no_grad():  # independent computations, on the weights the step starts from
+        plain, smoothed = F.cross_entropy(model(x), y).item(), smoothed_fn(model(x), y).item()
+    assert abs(plain - smoothed) > 0.1  # the two definitions differ here: the test can tell them apart
+    lines = []
+    p = engine.train_one_epoch(model, [(x, y)], torch.optim.SGD(model.parameters(), lr=0.0), smoothed_fn,
+                               log_every=1, log=lines.append)
+    assert p.loss == pytest.approx(plain, rel=1e-5)
+    assert lines == [f"  batch     1: running loss {plain:.3f}"]
+    # and the step followed the smoothed loss: its gradient, not plain cross-entropy's
+    model.zero_grad()
+    smoothed_fn(model(x), y).backward()
+    smoothed_grad = model.fc3.weight.grad.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = model.fc3.weight.detach().clone()
+    engine.train_one_epoch(model, [(x, y)], opt, smoothed_fn)
+    torch.testing.assert_close(before - model.fc3.weight.detach(), smoothed_grad)

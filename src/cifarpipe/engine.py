@@ -25,7 +25,7 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 class EpochProgress:
     """Sums of a (possibly unfinished) training epoch; saved in a mid-epoch checkpoint."""
     step: int = 0  # optimizer steps done in this epoch
-    loss_sum: float = 0.0  # sum over images of the training loss
+    loss_sum: float = 0.0  # sum over images of the plain cross-entropy (no label smoothing), as val_loss
     correct: int = 0
     seen: int = 0
 
@@ -132,6 +132,9 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
 
     `on_step(step)` runs after every optimizer step (progress bar, fault injection);
     `should_stop()` is checked after every step: True ends the epoch early (a safe point).
+    The step minimizes `loss_fn` (with label smoothing if configured); the loss that is summed,
+    returned and printed is the plain cross-entropy of the same logits, the definition `evaluate`
+    uses, so train and validation losses are comparable on one chart.
     """
     progress = progress or EpochProgress()
     device = next(model.parameters()).device
@@ -144,13 +147,15 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
-            loss = loss_fn(logits, y)
+            loss = loss_fn(logits, y)  # what is optimized
         loss.backward()
         optimizer.step()
 
-        loss_sum += loss.detach().float() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        running += loss.detach().float()
+        logits = logits.detach().float()
+        plain_ce = F.cross_entropy(logits, y)  # what is reported: no smoothing (10 classes: a tiny extra op)
+        loss_sum += plain_ce * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        running += plain_ce  # the course's running loss, also plain cross-entropy
         seen += len(y)
         step += 1
         if log_every and step % log_every == 0:
