@@ -112,3 +112,38 @@ def expected_arrays(n_train: int = 500, n_test: int = 100, seed: int = 0):
     rows, labels = make_images(n_train + n_test, seed)
     hwc = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return hwc[:n_train], np.array(labels[:n_train]), hwc[n_train:], np.array(labels[n_train:])
+
+
+def build_bomb(path: Path, member: str = "data_batch_1", claimed: int = 30 * 10**9, zeros: int = 0,
+               extra_headers: int = 0, header_type: bytes = tarfile.REGTYPE) -> str:
+    """A hostile archive: the tiny archive's members, then `member` again with a header claiming
+    `claimed` bytes, followed by only `zeros` real bytes (gzip-compressed zeros: ~1 KB per MB).
+
+    With zeros=0 the archive is a few KB and holds none of the claimed data: code that read the
+    member before refusing it would hit the end of the file, not the size check. The header is
+    written in the GNU format, whose base-256 size field holds sizes over 8 GiB.
+    `extra_headers` empty-file headers go first (the "many headers" case); `header_type`
+    tarfile.XHDTYPE makes the member a pax header instead of a file. Returns the MD5."""
+    small = io.BytesIO()
+    build_archive(path, n_train=50, n_test=10)
+    with gzip.open(path, "rb") as gz:
+        tar_bytes = gz.read()
+    # Drop the end-of-archive marker (two zero blocks and padding) to append members after it.
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        end = tar.getmembers()[-1]
+        end_offset = end.offset_data + tarfile.BLOCKSIZE * ((end.size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE)
+    with gzip.GzipFile(fileobj=small, mode="wb", mtime=0) as gz:
+        for i in range(extra_headers):
+            info = tarfile.TarInfo(f"cifar-10-batches-py/empty_{i}")
+            gz.write(info.tobuf(tarfile.GNU_FORMAT))
+        gz.write(tar_bytes[:end_offset])
+        info = tarfile.TarInfo(f"cifar-10-batches-py/{member}")
+        info.size, info.mode, info.type = claimed, 0o644, header_type
+        gz.write(info.tobuf(tarfile.GNU_FORMAT))
+        chunk = bytes(1 << 20)
+        for start in range(0, zeros, len(chunk)):  # streamed: building a 3 GB bomb needs 1 MB of memory
+            gz.write(chunk[: min(len(chunk), zeros - start)])
+        # Padding to a whole block, then the end-of-archive marker: a complete tar when zeros == claimed.
+        gz.write(bytes(-zeros % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE))
+    path.write_bytes(small.getvalue())
+    return hashlib.md5(small.getvalue()).hexdigest()

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import shutil
 import tarfile
+import threading
 
 import numpy as np
 import pytest
 
-from cifar_archive import build_archive, evil_pickle, expected_arrays
+from cifar_archive import build_archive, build_bomb, evil_pickle, expected_arrays
 from cifarpipe import data
 from cifarpipe.config import UserError
 
@@ -164,3 +166,106 @@ def test_labels_outside_0_to_9_are_refused_before_any_cast(tmp_path):
     build_archive(path, n_train=50, n_test=10, replace={"data_batch_2": bad})
     with pytest.raises(UserError, match="labels must be 0..9, found 256..256"):
         data.arrays_from_archive(path)
+
+
+# ---------------------------------------------------------------- hostile archives and servers
+def test_a_member_claiming_30_gb_is_refused_from_its_header(tmp_path):
+    # The archive is a few hundred KB and holds none of the 30 GB its last member claims: reading
+    # any of it would end in "truncated", so the size error proves nothing was read (and so that
+    # memory and time stay small by construction: no timing needed).
+    path = tmp_path / "bomb.tar.gz"
+    build_bomb(path, claimed=30 * 10**9)
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(data.UnsafeArchiveError) as e:
+        data.arrays_from_archive(path)
+    assert str(e.value) == ("refusing archive: member 'cifar-10-batches-py/data_batch_1' claims 30,000,000,000 "
+                            "bytes, more than the 41,943,040 any CIFAR-10 file needs (a data batch is about 31,000,000)")
+
+
+def test_real_compressed_zeros_over_the_limit_are_refused_before_inflating(tmp_path, monkeypatch):
+    # Real zeros this time (2 MB, ~2 KB compressed), against a batch limit shrunk to 1 MiB.
+    monkeypatch.setattr(data, "MAX_BATCH_BYTES", 1 << 20)
+    path = tmp_path / "zeros.tar.gz"
+    build_bomb(path, member="test_batch", claimed=2_000_000, zeros=2_000_000)
+    with pytest.raises(data.UnsafeArchiveError, match="'cifar-10-batches-py/test_batch' claims 2,000,000 bytes, "
+                                                      "more than the 1,048,576"):
+        data.arrays_from_archive(path)
+
+
+def test_small_files_have_a_small_limit(tmp_path):
+    path = tmp_path / "meta.tar.gz"
+    build_bomb(path, member="batches.meta", claimed=2 << 20)
+    with pytest.raises(data.UnsafeArchiveError, match="batches.meta' claims 2,097,152 bytes, more than the 1,048,576"):
+        data.arrays_from_archive(path)
+
+
+def test_the_number_of_members_is_bounded(tmp_path):
+    # 100 empty headers: tarfile's getmembers() would walk them all (and a hostile stream can
+    # hold millions); the reader stops at the 65th.
+    path = tmp_path / "many.tar.gz"
+    build_bomb(path, claimed=0, extra_headers=100)
+    with pytest.raises(data.UnsafeArchiveError, match="more than 64 members"):
+        data.arrays_from_archive(path)
+
+
+def test_the_decompressed_stream_is_bounded_even_inside_a_header(tmp_path, monkeypatch):
+    # A pax extended header is read whole by tarfile before any member is seen, so no header
+    # check can stop it: the byte bound on the decompressed stream does (shrunk here to 1 MiB).
+    monkeypatch.setattr(data, "MAX_TAR_BYTES", 1 << 20)
+    path = tmp_path / "pax.tar.gz"
+    build_bomb(path, member="pax", claimed=3 << 20, zeros=3 << 20, header_type=tarfile.XHDTYPE)
+    with pytest.raises(data.UnsafeArchiveError, match="more than 1,048,576 bytes once decompressed"):
+        data.arrays_from_archive(path)
+    # and the real archive fits within the total bound: both tests above see a real limit
+    monkeypatch.setattr(data, "MAX_TAR_BYTES", 20 << 20)
+    build_bomb(path, member="readme.html", claimed=5, zeros=5)
+    assert len(data.arrays_from_archive(path).train_labels) == 50
+
+
+class _EndlessHandler(http.server.BaseHTTPRequestHandler):
+    """Sends 1 MiB chunks with no Content-Length until the client hangs up (at most 64 MiB)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()  # no Content-Length: the body ends when the connection closes
+        try:
+            for _ in range(64):
+                self.wfile.write(bytes(1 << 20))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_an_endless_download_is_cut_off_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_DOWNLOAD_BYTES", 3 << 20)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EndlessHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/cifar.tar.gz"
+    dest = tmp_path / "dl" / "c.tar.gz"
+    sizes = []
+    try:
+        with pytest.raises(UserError) as e:
+            data.download(url, dest, "0" * 32, progress=lambda done, total: sizes.append(done))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert str(e.value) == (f"refusing the download from {url}: 4,194,304 bytes arrived and the stream went on, more "
+                            "than the 3,145,728-byte limit (the CIFAR-10 archive is 170,498,071 bytes); nothing was kept")
+    assert max(sizes) <= 3 << 20  # nothing past the limit was written
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_an_announced_size_over_the_limit_is_refused_before_streaming(http_server, tiny_archive, tmp_path, monkeypatch):
+    archive, md5 = tiny_archive
+    url = serve(http_server, archive)
+    monkeypatch.setattr(data, "MAX_DOWNLOAD_BYTES", archive.stat().st_size - 1)
+    dest = tmp_path / "dl" / "c.tar.gz"
+    seen = []
+    with pytest.raises(UserError, match=f"the source announces {archive.stat().st_size:,} bytes, more than the"):
+        data.download(url, dest, md5, progress=lambda done, total: seen.append(done))
+    assert seen == [] and len(http_server.requests) == 1  # not streamed, not retried
+    assert list(dest.parent.iterdir()) == []
+    monkeypatch.setattr(data, "MAX_DOWNLOAD_BYTES", archive.stat().st_size)  # exactly at the limit: fine
+    assert data.download(url, dest, md5)

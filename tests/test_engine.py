@@ -1,7 +1,9 @@
 """The training loop and the models, on tiny data on the CPU."""
 from __future__ import annotations
 
+import pytest
 import torch
+from torch.nn import functional as F
 
 from cifarpipe import checkpoint, engine
 from cifarpipe.config import ModelParams, OptimizerParams, SchedulerParams
@@ -91,3 +93,68 @@ def test_course_cnn_is_the_course_network():
     assert (m.conv1.in_channels, m.conv1.out_channels, m.conv1.kernel_size) == (3, 6, (5, 5))
     assert (m.conv2.out_channels, m.fc1.in_features, m.fc1.out_features, m.fc2.out_features) == (16, 400, 120, 84)
     assert m(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_bf16_autocast_only_where_the_gpu_has_it_natively(monkeypatch):
+    # A V100 or T4: torch says bf16 is "supported" by emulation only.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert engine.amp_enabled(True, torch.device("cuda")) is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, H100
+    assert engine.amp_enabled(True, torch.device("cuda")) is True
+    assert engine.amp_enabled(False, torch.device("cuda")) is False
+    assert engine.amp_enabled(True, torch.device("cpu")) is False
+
+
+def _pixel_logits_model() -> torch.nn.Module:
+    """logit k = the red pixel at row 0, column k: a last Linear layer, which bf16 autocast runs in bf16."""
+    head = torch.nn.Linear(3072, 10, bias=False)
+    with torch.no_grad():
+        head.weight.zero_()
+        for k in range(10):
+            head.weight[k, k] = 1.0  # NCHW flattened: channel 0, row 0, column k is index k
+    return torch.nn.Sequential(torch.nn.Flatten(), head)
+
+
+@pytest.mark.skipif(not torch.amp.autocast_mode.is_autocast_available("cpu"), reason="no CPU autocast")
+def test_evaluate_averages_flips_and_takes_argmax_in_fp32_under_bf16_autocast():
+    # Image: class 0 scores 1.0 on both views, class 1 scores 1.0 and 1.0078125 (the next bf16
+    # after 1.0) on its mirror. Every value is exact in bf16; only their sum is not: 2.0078125
+    # rounds to 2.0 in bf16, a tie that argmax gives to class 0. In fp32 class 1 wins.
+    x = torch.zeros(1, 3, 32, 32)
+    x[0, 0, 0, 0] = x[0, 0, 0, 1] = 1.0
+    x[0, 0, 0, 31], x[0, 0, 0, 30] = 1.0, 1.0078125  # what columns 0 and 1 see in the mirror image
+    y = torch.tensor([1])
+    model = _pixel_logits_model()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        views = [model(x), model(x.flip(3))]
+    assert views[0].dtype == torch.bfloat16  # the setting is real: autocast gives bf16 logits
+    expected = ((views[0].float() + views[1].float()) / 2).argmax(1)  # independent fp32 computation
+    assert expected.tolist() == [1] and ((views[0] + views[1]) / 2).argmax(1).tolist() == [0]
+    result = engine.evaluate(model, [(x, y)], amp=True, tta_flip=True)
+    assert result.predictions.tolist() == [1] and result.accuracy == 1.0
+    assert result.loss == pytest.approx(F.cross_entropy((views[0].float() + views[1].float()) / 2, y).item())
+
+
+def test_the_reported_train_loss_is_plain_cross_entropy_while_smoothing_is_optimized():
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="course_cnn", width=64))
+    (x, y), = tiny_batches(16, 16)
+    smoothed_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.3)
+    with torch.no_grad():
+        model.fc3.weight.mul_(50)  # confident logits, where smoothing changes the loss a lot
+    with torch.no_grad():  # independent computations, on the weights the step starts from
+        plain, smoothed = F.cross_entropy(model(x), y).item(), smoothed_fn(model(x), y).item()
+    assert abs(plain - smoothed) > 0.1  # the two definitions differ here: the test can tell them apart
+    lines = []
+    p = engine.train_one_epoch(model, [(x, y)], torch.optim.SGD(model.parameters(), lr=0.0), smoothed_fn,
+                               log_every=1, log=lines.append)
+    assert p.loss == pytest.approx(plain, rel=1e-5)
+    assert lines == [f"  batch     1: running loss {plain:.3f}"]
+    # and the step followed the smoothed loss: its gradient, not plain cross-entropy's
+    model.zero_grad()
+    smoothed_fn(model(x), y).backward()
+    smoothed_grad = model.fc3.weight.grad.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = model.fc3.weight.detach().clone()
+    engine.train_one_epoch(model, [(x, y)], opt, smoothed_fn)
+    torch.testing.assert_close(before - model.fc3.weight.detach(), smoothed_grad)

@@ -4,7 +4,9 @@ Order of trust, for an archive that may come from an untrusted mirror:
 1. stream it to a temporary file, hashing as it arrives; nothing is renamed into place
    unless the MD5 matches the expected one;
 2. refuse the whole archive if any member could land outside the target folder
-   (absolute path, `..`, links, devices);
+   (absolute path, `..`, links, devices), or is larger than any CIFAR-10 file could be
+   (from its tar header, before a byte of it is decompressed): a hostile mirror can't make
+   us inflate a decompression bomb into memory or stream an endless file onto the disk;
 3. unpickle the batches with an unpickler that only knows the numpy globals an array needs,
    so a batch naming any other global fails before anything runs.
 The result is one `.npz` of uint8 arrays that training loads in well under a second.
@@ -37,6 +39,24 @@ TEST_BATCH = "test_batch"
 META = "batches.meta"
 NUM_CLASSES = 10
 CHUNK = 1 << 20  # 1 MiB per read: ~170 reads for the 163 MiB official archive
+MIB = 1 << 20
+
+# Limits for an archive from an untrusted mirror; the real one is far inside every one of them.
+# The official cifar-10-python.tar.gz is 170,498,071 bytes (163 MiB; the rebuild from
+# ../shared/datasets is 173,588,625 bytes): the download is cut off above 256 MiB (+50 %).
+MAX_DOWNLOAD_BYTES = 256 * MIB
+# A data or test batch is a pickle of a 10000x3072 uint8 array (30,720,000 bytes) plus 10000
+# labels and file names: 31,035,704 bytes in the official archive (30,939,539 in the rebuild).
+# 40 MiB (41,943,040 bytes) leaves a 35 % margin. batches.meta (158 bytes) and readme.html
+# (88 bytes) are tiny: anything else may have 1 MiB.
+MAX_BATCH_BYTES = 40 * MIB
+MAX_OTHER_BYTES = 1 * MIB
+# The official archive has 8 entries (7 files, maybe their folder) and about 186 MB (177 MiB) of
+# files in all. The reader walks at most 64 entries and 256 MiB of tar stream (headers included):
+# it decompresses no more than that, whatever the gzip stream holds, and holds no more than the
+# members it needs (at most 6 x 40 MiB) in memory.
+MAX_MEMBERS = 64
+MAX_TAR_BYTES = 256 * MIB
 
 
 class ChecksumError(UserError):
@@ -114,20 +134,30 @@ def download(url: str, dest: Path, md5: str, *, retries: int = 2, timeout_s: flo
     return True
 
 
+def _too_large(url: str, what: str) -> UserError:
+    return UserError(f"refusing the download from {url}: {what}, more than the {MAX_DOWNLOAD_BYTES:,}-byte limit "
+                     "(the CIFAR-10 archive is 170,498,071 bytes); nothing was kept")
+
+
 def _stream_to(url: str, tmp: Path, timeout_s: float, progress: Callable | None) -> str:
     """Stream `url` into `tmp` (fsynced); return the MD5 of what arrived."""
     h = hashlib.md5()
     src, total = _open_source(url, timeout_s)
     done = 0
-    with src, open(tmp, "wb") as out:
-        while chunk := src.read(CHUNK):
-            h.update(chunk)
-            out.write(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done, total)
-        out.flush()
-        os.fsync(out.fileno())
+    with src:
+        if total is not None and total > MAX_DOWNLOAD_BYTES:
+            raise _too_large(url, f"the source announces {total:,} bytes")
+        with open(tmp, "wb") as out:
+            while chunk := src.read(CHUNK):
+                done += len(chunk)
+                if done > MAX_DOWNLOAD_BYTES:  # a server that lies about, or omits, its Content-Length
+                    raise _too_large(url, f"{done:,} bytes arrived and the stream went on")
+                h.update(chunk)
+                out.write(chunk)
+                if progress:
+                    progress(done, total)
+            out.flush()
+            os.fsync(out.fileno())
     if total is not None and done != total:
         raise ConnectionError(f"connection closed after {done} of {total} bytes")
     return h.hexdigest()
@@ -167,28 +197,60 @@ def _check_member(m: tarfile.TarInfo) -> None:
     p = PurePosixPath(m.name)
     if p.is_absolute() or ".." in p.parts or m.name.startswith(("/", "\\")):
         raise UnsafeArchiveError(f"refusing archive: member {m.name!r} would land outside the target folder")
-    if not (m.isfile() or m.isdir()):
+    if not (m.isfile() or m.isdir()) or m.issparse():
         raise UnsafeArchiveError(f"refusing archive: member {m.name!r} is a link or special file")
+    limit = MAX_BATCH_BYTES if PurePosixPath(m.name).name in (*TRAIN_BATCHES, TEST_BATCH) else MAX_OTHER_BYTES
+    if m.size > limit:  # from the header: nothing of the member has been decompressed yet
+        raise UnsafeArchiveError(f"refusing archive: member {m.name!r} claims {m.size:,} bytes, more than the "
+                                 f"{limit:,} any CIFAR-10 file needs (a data batch is about 31,000,000)")
+
+
+class _BoundedReader(io.RawIOBase):
+    """The decompressed tar stream, cut off after MAX_TAR_BYTES: whatever tarfile reads (member
+    data, or a pax/GNU long-name header, which it reads whole before we see the member), it
+    decompresses no more than that."""
+
+    def __init__(self, raw: io.BufferedIOBase, what: Path) -> None:
+        self.raw, self.what, self.count = raw, what, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self.raw.readinto(buf)
+        self.count += n
+        if self.count > MAX_TAR_BYTES:
+            raise UnsafeArchiveError(f"refusing archive {self.what}: more than {MAX_TAR_BYTES:,} bytes once "
+                                     "decompressed (the CIFAR-10 files are about 186,000,000 bytes in all)")
+        return n
 
 
 def read_archive(archive: Path) -> dict[str, bytes]:
-    """Read the batch files from the tar.gz into memory, after checking every member is safe.
+    """Read the batch files from the tar.gz into memory, checking every member from its header.
 
-    Nothing is written to disk: the members are read straight from the verified archive.
+    Nothing is written to disk and nothing is unpickled here. The tar is read as one forward
+    stream, member by member (never `getmembers()`, which would walk every header first): at
+    most MAX_MEMBERS entries, each within its size limit, MAX_TAR_BYTES in all, so memory and
+    time stay bounded by the real dataset's size whatever the archive claims.
     """
     wanted = {f"{BATCH_DIR}/{n}" for n in [*TRAIN_BATCHES, TEST_BATCH, META]}
+    found: dict[str, bytes] = {}
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            for m in members:
+        with gzip.open(archive, "rb") as gz, \
+                tarfile.open(fileobj=io.BufferedReader(_BoundedReader(gz, archive), CHUNK), mode="r|") as tar:
+            for count, m in enumerate(tar, start=1):
+                if count > MAX_MEMBERS:
+                    raise UnsafeArchiveError(f"refusing archive {archive}: more than {MAX_MEMBERS} members "
+                                             "(CIFAR-10 has 8)")
                 _check_member(m)
-            found = {m.name: m for m in members if m.name in wanted}
-            missing = sorted(wanted - found.keys())
-            if missing:
-                raise UserError(f"{archive}: not a CIFAR-10 python archive, missing {', '.join(missing)}")
-            return {name.split("/", 1)[1]: tar.extractfile(m).read() for name, m in found.items()}
+                if m.name in wanted and m.isfile():
+                    found[m.name.split("/", 1)[1]] = tar.extractfile(m).read()
     except (tarfile.ReadError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise UserError(f"{archive}: truncated or not a gzip tar archive ({e})") from None
+    missing = sorted(w for w in wanted if w.split("/", 1)[1] not in found)
+    if missing:
+        raise UserError(f"{archive}: not a CIFAR-10 python archive, missing {', '.join(missing)}")
+    return found
 
 
 @dataclass(frozen=True)
@@ -210,15 +272,19 @@ def _batch_arrays(batch: dict, what: str) -> tuple[np.ndarray, np.ndarray]:
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):  # before any cast can wrap them
         raise UserError(f"{what}: labels must be 0..{NUM_CLASSES - 1}, found {labels.min()}..{labels.max()}")
     # Each row is 1024 red, 1024 green, 1024 blue values: -> (n, 3, 32, 32) -> HWC for compact gathers.
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+    # Contiguous here, per batch: concatenating transposed views would keep their layout and cost
+    # one more full copy of the training set (155 MB) to make it contiguous afterwards.
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
 
 
 def arrays_from_archive(archive: Path) -> Cifar10Arrays:
     files = read_archive(archive)
-    meta = load_batch(files[META], META)
+    meta = load_batch(files.pop(META), META)
     classes = [c.decode("latin1") if isinstance(c, bytes) else str(c) for c in meta.get("label_names", [])]
-    train = [_batch_arrays(load_batch(files[n], n), n) for n in TRAIN_BATCHES]
-    test_images, test_labels = _batch_arrays(load_batch(files[TEST_BATCH], TEST_BATCH), TEST_BATCH)
+    # pop: each batch's pickled bytes are freed once its array exists, so the peak holds the
+    # dataset about twice (pickles + arrays, then the batches + their concatenation).
+    train = [_batch_arrays(load_batch(files.pop(n), n), n) for n in TRAIN_BATCHES]
+    test_images, test_labels = _batch_arrays(load_batch(files.pop(TEST_BATCH), TEST_BATCH), TEST_BATCH)
     arrays = Cifar10Arrays(
         train_images=np.ascontiguousarray(np.concatenate([t[0] for t in train])),
         train_labels=np.concatenate([t[1] for t in train]).astype(np.uint8),

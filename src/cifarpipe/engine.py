@@ -25,7 +25,7 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 class EpochProgress:
     """Sums of a (possibly unfinished) training epoch; saved in a mid-epoch checkpoint."""
     step: int = 0  # optimizer steps done in this epoch
-    loss_sum: float = 0.0  # sum over images of the training loss
+    loss_sum: float = 0.0  # sum over images of the plain cross-entropy (no label smoothing), as val_loss
     correct: int = 0
     seen: int = 0
 
@@ -74,8 +74,12 @@ def make_deterministic() -> None:
 
 
 def amp_enabled(requested: bool, device: torch.device) -> bool:
-    """bf16 autocast: CUDA only, and only on GPUs that have bf16 (Ampere or newer)."""
-    return requested and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 autocast: CUDA only, and only on GPUs with native bf16 (Ampere or newer).
+
+    `is_bf16_supported()` alone also says yes where bf16 is only emulated (V100, T4: slower than
+    fp32 there), so emulation is excluded explicitly.
+    """
+    return requested and device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 @dataclass
@@ -128,6 +132,9 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
 
     `on_step(step)` runs after every optimizer step (progress bar, fault injection);
     `should_stop()` is checked after every step: True ends the epoch early (a safe point).
+    The step minimizes `loss_fn` (with label smoothing if configured); the loss that is summed,
+    returned and printed is the plain cross-entropy of the same logits, the definition `evaluate`
+    uses, so train and validation losses are comparable on one chart.
     """
     progress = progress or EpochProgress()
     device = next(model.parameters()).device
@@ -140,13 +147,15 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
-            loss = loss_fn(logits, y)
+            loss = loss_fn(logits, y)  # what is optimized
         loss.backward()
         optimizer.step()
 
-        loss_sum += loss.detach().float() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        running += loss.detach().float()
+        logits = logits.detach().float()
+        plain_ce = F.cross_entropy(logits, y)  # what is reported: no smoothing (10 classes: a tiny extra op)
+        loss_sum += plain_ce * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        running += plain_ce  # the course's running loss, also plain cross-entropy
         seen += len(y)
         step += 1
         if log_every and step % log_every == 0:
@@ -169,9 +178,13 @@ def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False, tta_flip:
     for x, y in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
-            if tta_flip:  # average with the mirror image: flips are label-preserving in CIFAR-10
-                logits = (logits + model(x.flip(3))) / 2
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            flipped = model(x.flip(3)) if tta_flip else None  # flips are label-preserving in CIFAR-10
+        # fp32 from here: bf16 keeps 8 significant bits, so a flip average in bf16 rounds (1.0 +
+        # 1.0078 is 2.0, a tie with 1.0 + 1.0) and argmax then takes the lower class index.
+        logits = logits.float()
+        if flipped is not None:
+            logits = (logits + flipped.float()) / 2
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         pred = logits.argmax(1)
         correct += (pred == y).sum()
         preds.append(pred)
