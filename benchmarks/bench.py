@@ -177,7 +177,7 @@ def _our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, params: 
     train_x, train_y = arrays.train_images[sp.train], arrays.train_labels[sp.train]
     mean, std = channel_stats(train_x)
     train_b = DeviceBatches(torch.from_numpy(train_x).to(device), torch.from_numpy(train_y), p.batch_size, mean, std,
-                            p.augment, seed=p.seed)
+                            p.augment, seed=p.seed, drop_last=p.drop_last)
     val_b = DeviceBatches(torch.from_numpy(arrays.train_images[sp.val]).to(device),
                           torch.from_numpy(arrays.train_labels[sp.val]), 1000, mean, std, shuffle=False)
     test_b = DeviceBatches(torch.from_numpy(arrays.test_images).to(device), torch.from_numpy(arrays.test_labels),

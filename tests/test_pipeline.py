@@ -163,11 +163,18 @@ def test_experiments_compare_in_dvc_and_applying_one_reruns_nothing(project):
     assert {"lr-3e-3", "batch-16"} <= accuracies.keys()
     assert all(a is not None and b is not None for a, b in accuracies.values()), accuracies
 
-    diff = json.loads(run(["dvc", "metrics", "diff", "lr-3e-3", "batch-16", "--json"], project).stdout)
+    diff = json.loads(run(["dvc", "metrics", "diff", "lr-3e-3", "batch-16", "--all", "--json"], project).stdout)
     assert {"accuracy", "loss", "per_class_accuracy.cat"} <= diff["outputs/metrics.json"].keys()
     assert "best_val_accuracy" in diff["outputs/train_metrics.json"]
-    plots = json.loads(run(["dvc", "plots", "diff", "lr-3e-3", "batch-16", "--json", "--split"], project).stdout)
-    assert sorted(plots) == ["accuracy", "confusion", "learning_rate", "loss"]  # no default twins of the files
+    plots = json.loads(run(["dvc", "plots", "diff", "lr-3e-3", "batch-16", "--json"], project).stdout)
+    assert not plots.get("errors"), plots["errors"]
+    assert sorted(plots["data"]) == ["accuracy", "confusion", "learning_rate", "loss"]  # no default twins
+    fields = {}
+    for plot_id, (chart,) in plots["data"].items():  # one chart each, holding both experiments' values
+        values = chart["content"]["data"]["values"]
+        assert {v["rev"] for v in values} == {"lr-3e-3", "batch-16"}, plot_id
+        fields[plot_id] = {v.get("field") for v in values}
+    assert fields["loss"] == {"train_loss", "val_loss"} and fields["accuracy"] == {"train_accuracy", "val_accuracy"}
 
     # Back to the first experiment: its results are in git and DVC's cache, so nothing reruns,
     # and neither experiment's checkpoints were touched by the other.
