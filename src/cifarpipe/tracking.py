@@ -12,6 +12,7 @@ Because the checkpoint's history is the source of truth, a resumed job re-sends 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import io
 import json
@@ -326,3 +327,59 @@ def write_tensorboard(folder: Path, history: list[dict[str, float]]) -> Path:
     os.replace(partial, folder / TENSORBOARD_FILE)
     return folder / TENSORBOARD_FILE
 
+
+# ------------------------------------------------------------ reading runs back (the compare command)
+@dataclasses.dataclass
+class StoredRun:
+    """What the compare command needs of one MLflow run, as plain values."""
+    run_id: str
+    name: str
+    status: str
+    start_ms: int | None
+    end_ms: int | None
+    params: dict[str, str]
+    metrics: dict[str, float]  # latest value of each metric
+    tags: dict[str, str]
+    histories: dict[str, list[tuple[int, float]]]  # (step, value) per epoch: val_accuracy, epoch_seconds
+
+
+def read_runs(experiment: str | None, filter_string: str = "", max_runs: int = 100,
+              histories: tuple[str, ...] = ("val_accuracy", "epoch_seconds")) -> list[StoredRun]:
+    """Active runs of `experiment` (None: every experiment), newest first, matching MLflow's
+    `filter_string`. UserError, with the URI, for a store that is missing or does not answer,
+    an unknown experiment or a filter MLflow rejects."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():  # MLflow would create an empty store here; say what is missing instead
+            raise UserError(f"no MLflow store at {db} ({uri}): run the pipeline first (`dvc repro`), run this "
+                            "command in the repository root, or set MLFLOW_TRACKING_URI")
+    try:
+        with _fail_fast_http():
+            client = MlflowClient(uri)
+            if experiment is None:
+                ids = [e.experiment_id for e in client.search_experiments()]
+            else:
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    known = ", ".join(e.name for e in client.search_experiments()) or "none"
+                    raise UserError(f"no experiment named {experiment!r} in {uri} (experiments: {known}); "
+                                    "use --experiment NAME or --all-experiments")
+                ids = [exp.experiment_id]
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"the MLflow tracking store {uri} is unreachable ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not ids:
+        return []
+    try:
+        runs = client.search_runs(ids, filter_string, max_results=max_runs, order_by=["attributes.start_time DESC"])
+    except MlflowException as e:
+        raise UserError(f"MLflow rejected the filter {filter_string!r}: {e.message.splitlines()[0]}") from None
+    return [StoredRun(run_id=r.info.run_id, name=r.info.run_name or r.info.run_id[:8], status=r.info.status,
+                      start_ms=r.info.start_time, end_ms=r.info.end_time, params=dict(r.data.params),
+                      metrics=dict(r.data.metrics), tags=dict(r.data.tags),
+                      histories={k: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, k))
+                                 for k in histories})
+            for r in runs]
