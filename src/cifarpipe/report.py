@@ -88,7 +88,7 @@ def mistakes_png(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray
         if k < len(shown):
             i = shown[k]
             ax.imshow(images[i], interpolation="nearest")  # nearest: the real pixels, not a blur
-            ax.set_title(f"true: {classes[labels[i]]}\npred: {classes[predictions[i]]} {confidences[i]:.0%}",
+            ax.set_title(f"true: {classes[labels[i]]}\npred: {classes[predictions[i]]} {confidences[i]:.1%}",
                          fontsize=9, color="firebrick", linespacing=1.3)
     if not len(shown):
         fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=14)
