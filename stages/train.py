@@ -56,6 +56,8 @@ def main() -> int:
     ap = stage_parser(__doc__.splitlines()[0])
     for name in ("--data", "--split", "--checkpoint-dir", "--weights", "--history", "--run-id", "--metrics"):
         ap.add_argument(name, type=Path, required=True)
+    ap.add_argument("--tensorboard-dir", type=Path, default=Path("outputs/tensorboard"),
+                    help="with tracking.tensorboard: event files go to <this>/<run name>_<run id>/")
     args = ap.parse_args()
     params = load_params(args.params)
     p = params.train
@@ -159,6 +161,8 @@ def main() -> int:
                 "deterministic": str(p.deterministic).lower()}
         tracker.log_start(flat, tags, tracking.requirements_text())
         tracker.queue_history(history)  # a resumed job in a new run (the old one was deleted): all epochs
+    tb_dir = (tracking.tensorboard_dir(args.tensorboard_dir, client, tracker.run_id)
+              if params.tracking.tensorboard else None)
     print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} of "
           f"{len(train_y)} images per epoch ({steps_per_epoch} batches of {p.batch_size}); MLflow run "
           f"{tracker.run_id} in {tracking.tracking_uri()}")
@@ -218,6 +222,8 @@ def main() -> int:
             checkpoint.save(last_path, ckpt)
             faults.hit("after_checkpoint", number)
             atomic.write_text(args.history, pd.DataFrame(history).to_csv(index=False))
+            if tb_dir:  # rewritten from the whole history: a resumed job never writes an epoch twice
+                tracking.write_tensorboard(tb_dir, history)
             tracker.queue_history([row])
             tracker.log_artifact(last_path, "checkpoints", background=True)
             if improved:
@@ -247,6 +253,8 @@ def main() -> int:
     checkpoint.save_weights(args.weights, checkpoint.weights_file(model, params, mean, std, arrays.classes))
     atomic.write_text(args.history, pd.DataFrame(history).to_csv(index=False))
     atomic.write_text(args.metrics, json.dumps(training_summary(history), indent=2) + "\n")
+    if tb_dir:
+        tracking.write_tensorboard(tb_dir, history)
     checkpoint.save(last_path, make_checkpoint(p.epochs, engine.EpochProgress(), 0.0, complete=True))
     faults.hit("finish", p.epochs)
     try:
@@ -254,6 +262,8 @@ def main() -> int:
         for path in (last_path, best_path):
             tracker.log_artifact(path, "checkpoints")
         tracker.log_artifact(args.history)
+        if tb_dir:  # artifact tensorboard/<folder>/: a downloaded `tensorboard` folder is a --logdir
+            tracker.log_artifact(tb_dir / tracking.TENSORBOARD_FILE, f"tensorboard/{tb_dir.name}")
         example = next(iter(DeviceBatches(torch.from_numpy(val_x[:4]), torch.from_numpy(val_y[:4]), 4, mean, std,
                                           shuffle=False).epoch(0)))[0].contiguous().numpy()
         model_uri = tracker.log_model(model, example, Path(cifarpipe.__file__).parent)

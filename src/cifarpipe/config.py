@@ -122,6 +122,8 @@ class EvaluateParams(_Strict):
 
 class TrackingParams(_Strict):
     experiment: str = Field(min_length=1)
+    # Also write the per-epoch scalars as TensorBoard event files, outputs/tensorboard/<run>/.
+    tensorboard: bool = False
 
 
 class Params(_Strict):

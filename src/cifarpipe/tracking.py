@@ -12,8 +12,10 @@ Because the checkpoint's history is the source of truth, a resumed job re-sends 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -306,3 +308,102 @@ class Tracker:
                                             pip_requirements=[f"torch=={importlib.metadata.version('torch')}", "numpy"])
         # start_run's exit marked the run FINISHED; the job may still be running (evaluate follows).
         return info.model_uri
+
+
+# ------------------------------------------------------------ TensorBoard (tracking.tensorboard)
+TENSORBOARD_FILE = "events.out.tfevents.cifarpipe"  # fixed: each rewrite replaces the file (and its MLflow artifact)
+
+
+def tensorboard_dir(root: Path, client: MlflowClient, run_id: str) -> Path:
+    """`root/<run name>_<8 chars of the run id>`: one folder per run, named as the MLflow UI shows it
+    (the id part keeps two runs with the same name apart); the id alone if the store does not answer."""
+    try:
+        name = client.get_run(run_id).info.run_name or ""
+    except Exception:
+        name = ""
+    name = "".join(c if c.isalnum() or c in "-_.=" else "-" for c in name).strip(".")
+    return root / (f"{name}_{run_id[:8]}" if name else run_id)
+
+
+def write_tensorboard(folder: Path, history: list[dict[str, float]]) -> Path:
+    """Rewrite the run's TensorBoard event file from the whole per-epoch history (the checkpoint's).
+
+    One scalar per (metric, epoch), named as in MLflow. Rewriting, never appending, means a job
+    resumed after a kill cannot write an epoch twice. The new file is completed under a name
+    TensorBoard ignores (no 'tfevents' in it) and then renamed over the old one, so a kill at any
+    moment leaves the previous complete file or the new one. Wall times are the training seconds
+    (cumulative epoch_seconds), so TensorBoard's 'relative' axis shows training time.
+    """
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    buf = io.BytesIO()
+    records = RecordWriter(buf)
+    wall = time.time() - sum(float(r.get("epoch_seconds", 0.0)) for r in history)
+    records.write(Event(wall_time=wall, file_version="brain.Event:2").SerializeToString())
+    for row in history:
+        wall += float(row.get("epoch_seconds", 0.0))
+        values = [Summary.Value(tag=k, simple_value=float(row[k])) for k in EPOCH_METRICS if k in row]
+        records.write(Event(wall_time=wall, step=int(row["epoch"]), summary=Summary(value=values)).SerializeToString())
+    partial = folder / "events.partial"
+    atomic.write_bytes(partial, buf.getvalue())
+    os.replace(partial, folder / TENSORBOARD_FILE)
+    return folder / TENSORBOARD_FILE
+
+
+# ------------------------------------------------------------ reading runs back (the compare command)
+@dataclasses.dataclass
+class StoredRun:
+    """What the compare command needs of one MLflow run, as plain values."""
+    run_id: str
+    name: str
+    status: str
+    start_ms: int | None
+    end_ms: int | None
+    params: dict[str, str]
+    metrics: dict[str, float]  # latest value of each metric
+    tags: dict[str, str]
+    histories: dict[str, list[tuple[int, float]]]  # (step, value) per epoch: val_accuracy, epoch_seconds
+
+
+def read_runs(experiment: str | None, filter_string: str = "", max_runs: int = 100,
+              histories: tuple[str, ...] = ("val_accuracy", "epoch_seconds")) -> list[StoredRun]:
+    """Active runs of `experiment` (None: every experiment), newest first, matching MLflow's
+    `filter_string`. UserError, with the URI, for a store that is missing or does not answer,
+    an unknown experiment or a filter MLflow rejects."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():  # MLflow would create an empty store here; say what is missing instead
+            raise UserError(f"no MLflow store at {db} ({uri}): run the pipeline first (`dvc repro`), run this "
+                            "command in the repository root, or set MLFLOW_TRACKING_URI")
+    try:
+        with _fail_fast_http():
+            client = MlflowClient(uri)
+            if experiment is None:
+                ids = [e.experiment_id for e in client.search_experiments()]
+            else:
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    known = ", ".join(e.name for e in client.search_experiments()) or "none"
+                    raise UserError(f"no experiment named {experiment!r} in {uri} (experiments: {known}); "
+                                    "use --experiment NAME or --all-experiments")
+                ids = [exp.experiment_id]
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"the MLflow tracking store {uri} is unreachable ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not ids:
+        return []
+    try:
+        runs = client.search_runs(ids, filter_string, max_results=max_runs, order_by=["attributes.start_time DESC"])
+    except MlflowException as e:
+        raise UserError(f"MLflow rejected the filter {filter_string!r}: {e.message.splitlines()[0]}") from None
+    return [StoredRun(run_id=r.info.run_id, name=r.info.run_name or r.info.run_id[:8], status=r.info.status,
+                      start_ms=r.info.start_time, end_ms=r.info.end_time, params=dict(r.data.params),
+                      metrics=dict(r.data.metrics), tags=dict(r.data.tags),
+                      histories={k: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, k))
+                                 for k in histories})
+            for r in runs]

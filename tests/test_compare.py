@@ -1,0 +1,188 @@
+"""Comparing runs: the compare command over a real store, the mistakes grid, TensorBoard event files."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import git_commit, make_project, run, serve_folder, set_params
+from cifarpipe import compare, report, tracking
+from cifarpipe.config import UserError
+from cifarpipe.tracking import EPOCH_METRICS, StoredRun
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, tiny_archive):
+    """A real store written by the real stages, with TensorBoard on: run A (`dvc repro`, killed
+    inside epoch 2 and resumed) and run B (`dvc exp run -n lr-high`, a higher learning rate)."""
+    base = tmp_path_factory.mktemp("compare")
+    with serve_folder(base / "www") as server:
+        project = make_project(base / "project", *tiny_archive, server)
+        set_params(project, **{"train.epochs": EPOCHS, "tracking.tensorboard": True})
+        git_commit(project, "tensorboard on")
+        killed = run(["dvc", "repro"], project, env={"CIFARPIPE_FAULT": "step:2:3"}, check=False)
+        assert killed.returncode != 0
+        run(["dvc", "repro"], project)
+        git_commit(project, "run A")
+        run(["dvc", "exp", "run", "-n", "lr-high", "-S", "train.optimizer.lr=0.003"], project)
+        yield project
+
+
+def store(project: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+
+
+def compare_cmd(project: Path, *args: str, check: bool = True):
+    return run([sys.executable, "-m", "cifarpipe.compare", *args], project, check=check)
+
+
+def test_compare_prints_and_writes_the_table_and_curves_from_a_real_store(tracked):
+    client = store(tracked)
+    runs = {r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert len(runs) == 2
+    out = compare_cmd(tracked, "--csv", "runs.csv", "--md", "runs.md", "--png", "val.png").stdout
+    assert all(name in out for name in runs) and "2 runs of experiment 'cifar10'" in out
+
+    table = pd.read_csv(tracked / "runs.csv")
+    # Only the params that differ: the learning rate, not the epochs or the seed.
+    assert "train.optimizer.lr" in table.columns and "train.epochs" not in table.columns
+    assert list(table["test_accuracy"]) == sorted(table["test_accuracy"], reverse=True)
+    for row in table.to_dict("records"):
+        r = runs[row["run"]]
+        rid = r.info.run_id
+        assert row["run_id"] == rid[:8] and row["status"] == "FINISHED"
+        assert str(row["train.optimizer.lr"]) == r.data.params["train.optimizer.lr"]
+        assert row["test_accuracy"] == pytest.approx(r.data.metrics["test_accuracy"])
+        val = client.get_metric_history(rid, "val_accuracy")
+        assert row["best_val_accuracy"] == pytest.approx(max(m.value for m in val))
+        seconds = client.get_metric_history(rid, "epoch_seconds")
+        assert row["train_seconds"] == pytest.approx(sum(m.value for m in seconds))
+    md = (tracked / "runs.md").read_text().splitlines()
+    assert md[0].startswith("| run | run_id |") and len(md) == 2 + 2
+    png = matplotlib.image.imread(tracked / "val.png")
+    assert png.shape[0] > 300 and png.shape[1] > 500
+
+    # A filter on the run name picks one run; a filter matching none is a clear message, exit 1.
+    name = table["run"][0]
+    one = compare_cmd(tracked, "--filter", f"attributes.run_name = '{name}'", "--csv", "one.csv")
+    assert len(pd.read_csv(tracked / "one.csv")) == 1 and "1 run of" in one.stdout
+    none = compare_cmd(tracked, "--filter", "attributes.run_name = 'no-such-run'", check=False)
+    assert none.returncode == 1 and "no runs" in none.stderr and "Traceback" not in none.stderr
+
+
+def test_compare_without_runs_or_store_says_so(tmp_path, monkeypatch):
+    no_store = compare_cmd(tmp_path, check=False)
+    assert no_store.returncode == 2
+    assert "no MLflow store" in no_store.stderr and "Traceback" not in no_store.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # reading never creates an empty store
+
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("cifar10")
+    empty = compare_cmd(tmp_path, "--all-experiments", check=False)
+    assert empty.returncode == 1 and "no runs" in empty.stderr and "Traceback" not in empty.stderr
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(UserError, match="no experiment named 'other'"):
+        compare.main(["--experiment", "other"])
+    with pytest.raises(UserError, match="rejected the filter"):
+        compare.main(["--filter", "nonsense ==="])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on port 9
+    with pytest.raises(UserError, match="unreachable"):
+        compare.main([])
+
+
+def stored(name: str, params: dict, test_acc: float | None, val: list[float], seconds: list[float],
+           tags: dict | None = None, start_end: tuple[int, int] | None = None) -> StoredRun:
+    metrics = {} if test_acc is None else {"test_accuracy": test_acc}
+    return StoredRun(run_id=name * 8, name=name, status="FINISHED", start_ms=(start_end or (None, None))[0],
+                     end_ms=(start_end or (None, None))[1], params=params, metrics=metrics, tags=tags or {},
+                     histories={"val_accuracy": list(enumerate(val, 1)), "epoch_seconds": list(enumerate(seconds, 1))})
+
+
+def test_table_keeps_differing_params_and_sorts_by_test_accuracy(tmp_path):
+    runs = [stored("a", {"lr": "0.001", "epochs": "2"}, 0.5, [0.3, 0.45], [1.0, 2.0]),
+            stored("b", {"lr": "0.003", "epochs": "2", "extra": "x"}, None, [0.4], [], {"dvc_experiment": "lr-3e-3"},
+                   start_end=(1000, 6500)),
+            stored("c", {"lr": "0.001", "epochs": "2"}, 0.6, [0.5, 0.55], [3.0, 4.0])]
+    table = compare.build_table(runs)
+    assert list(table.columns) == ["run", "run_id", "dvc_experiment", "status", "extra", "lr",
+                                   "best_val_accuracy", "test_accuracy", "train_seconds"]
+    assert list(table["run"]) == ["c", "a", "b"]  # highest test accuracy first, none last
+    assert list(table["dvc_experiment"]) == ["-", "-", "lr-3e-3"] and list(table["extra"]) == ["-", "-", "x"]
+    assert list(table["best_val_accuracy"]) == [0.55, 0.45, 0.4]
+    assert list(table["train_seconds"]) == [7.0, 3.0, 5.5]  # b: no epoch seconds, end - start
+    assert math.isnan(table["test_accuracy"][2]) and compare.formatted(table)["test_accuracy"][2] == "-"
+    compare.curves_png([(r.name, r.histories["val_accuracy"]) for r in runs], tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mistakes_grid_shows_only_misclassified_images_most_confident_first(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 60
+    labels = rng.integers(0, 10, n)
+    predictions = np.where(np.arange(n) % 2 == 0, (labels + 1) % 10, labels)  # even indices wrong
+    confidences = rng.random(n)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    classes = [f"class{i}" for i in range(10)]
+    shown = report.mistakes_png(images, labels, predictions, confidences, classes, tmp_path / "m.png", "t")
+    wrong = np.flatnonzero(labels != predictions)
+    assert len(shown) == 24 and set(shown) <= set(wrong)
+    assert list(confidences[shown]) == sorted(confidences[wrong], reverse=True)[:24]
+    assert matplotlib.image.imread(tmp_path / "m.png").shape[:2] == (930, 1140)  # 4x6 tiles at 100 dpi
+
+    few = report.mistakes_png(images[:6], labels[:6], predictions[:6], confidences[:6], classes, tmp_path / "f.png", "t")
+    assert sorted(few) == [0, 2, 4]
+    none = report.mistakes_png(images, labels, labels, confidences, classes, tmp_path / "n.png", "t")
+    assert len(none) == 0 and (tmp_path / "n.png").is_file()
+
+
+def test_evaluate_writes_and_logs_the_mistakes_grid(tracked):
+    assert matplotlib.image.imread(tracked / "outputs/mistakes.png").shape[:2] == (930, 1140)
+    client = store(tracked)
+    for r in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+        assert "evaluation/mistakes.png" in {a.path for a in client.list_artifacts(r.info.run_id, "evaluation")}
+
+
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_event_files_hold_every_epoch_once(tracked):
+    client = store(tracked)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    folders = sorted((tracked / "outputs/tensorboard").iterdir())
+    assert len(folders) == 2 and {f.name for f in folders} == {f"{r.info.run_name}_{r.info.run_id[:8]}" for r in runs}
+    for r in runs:
+        folder = tracked / "outputs/tensorboard" / f"{r.info.run_name}_{r.info.run_id[:8]}"
+        assert [p.name for p in folder.iterdir() if "tfevents" in p.name] == [tracking.TENSORBOARD_FILE]
+        got = scalars(folder)
+        assert set(got) == set(EPOCH_METRICS)
+        for key in EPOCH_METRICS:  # run A was killed in epoch 2 and resumed: still each epoch once
+            want = [(m.step, m.value) for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)]
+            assert [s for s, _ in got[key]] == list(range(1, EPOCHS + 1)), key
+            assert [v for _, v in got[key]] == pytest.approx([v for _, v in want], rel=1e-6), key
+        arts = {a.path for a in client.list_artifacts(r.info.run_id, f"tensorboard/{folder.name}")}
+        assert arts == {f"tensorboard/{folder.name}/{tracking.TENSORBOARD_FILE}"}
+
+
+def test_tensorboard_rewrite_replaces_earlier_epochs(tmp_path):
+    rows = [{"epoch": e, **{k: e + i / 10 for i, k in enumerate(EPOCH_METRICS)}} for e in (1, 2, 3)]
+    folder = tmp_path / "run_1234"
+    tracking.write_tensorboard(folder, rows[:2])
+    (folder / "events.partial").write_bytes(b"half a file a kill left")  # ignored, then replaced
+    tracking.write_tensorboard(folder, rows)  # e.g. a resumed job: the whole history again
+    got = scalars(folder)
+    assert got["train_loss"] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert [s for s, _ in got["images_per_second"]] == [1, 2, 3]
+    assert sorted(p.name for p in folder.iterdir()) == [tracking.TENSORBOARD_FILE]
