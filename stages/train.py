@@ -15,7 +15,6 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-import cifarpipe
 from cifarpipe import atomic, checkpoint, data, engine, faults, split, tracking
 from cifarpipe.cli import run_stage, stage_parser
 from cifarpipe.config import UserError, flatten, load_params
@@ -59,6 +58,7 @@ def main() -> int:
         print(f"removed {stale.name}, left by an interrupted write")
     last_path, best_path = args.checkpoint_dir / "last.pt", args.checkpoint_dir / "best.pt"
     resume, abandoned_run = checkpoint.load_for_resume(last_path, fingerprint)
+    journal = tracking.Pending(tracking.journal_path(args.run_id))  # what the store did not take yet
 
     # ---- model, optimizer, scheduler (the course's recipe; values from params.yaml)
     setup = engine.build_training(params.model, p, device)
@@ -102,10 +102,10 @@ def main() -> int:
         print(f"resuming from {last_path}: epoch {start_epoch + 1}, batch {progress.step} of {steps_per_epoch}")
 
     if abandoned_run:
-        tracking.mark_abandoned(client, abandoned_run, "params or data changed before it finished")
-    tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id)
+        tracking.mark_abandoned(client, abandoned_run, "params or data changed before it finished", journal)
+    tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id, journal=journal)
     if resume and run_id and tracker.run_id != run_id:  # e.g. `mlflow run .` continues a killed job
-        tracking.mark_abandoned(client, run_id, f"continued in run {tracker.run_id}")
+        tracking.mark_abandoned(client, run_id, f"continued in run {tracker.run_id}", journal)
     atomic.write_text(args.run_id, tracker.run_id + "\n")
     if resume and tracker.run_id == run_id:
         tracker.queue_history(history, skip=tracker.logged_steps())  # fill what the killed process never sent
@@ -151,7 +151,7 @@ def main() -> int:
             carried_seconds = 0.0
             if progress.step < steps_per_epoch:  # stopped at a safe point inside the epoch
                 checkpoint.save(last_path, make_checkpoint(epoch, progress, seconds))
-                tracker.drain(fallback=args.checkpoint_dir / "mlflow_unlogged.json")
+                tracker.drain()
                 tracker.finish("KILLED")
                 print(f"stopped in epoch {number} after batch {progress.step}: checkpoint saved to {last_path}. "
                       "Run `dvc repro` to resume.")
@@ -182,12 +182,12 @@ def main() -> int:
                   f"val acc {val.accuracy:.4f}  lr {lr:.2e}  {seconds:6.1f} s  {row['images_per_second']:8.0f} img/s",
                   flush=True)
             if stop.requested:
-                tracker.drain(fallback=args.checkpoint_dir / "mlflow_unlogged.json")
+                tracker.drain()
                 tracker.finish("KILLED")
                 print(f"stopped after epoch {number}: checkpoint saved to {last_path}. Run `dvc repro` to resume.")
                 return stop.exit_code
     except BaseException:
-        tracker.drain(attempts=1, fallback=args.checkpoint_dir / "mlflow_unlogged.json")
+        tracker.drain(attempts=1)
         tracker.finish("FAILED")
         raise
     finally:
@@ -202,22 +202,50 @@ def main() -> int:
     checkpoint.save_weights(args.weights, checkpoint.weights_file(model, params, mean, std, arrays.classes))
     checkpoint.save(last_path, make_checkpoint(p.epochs, engine.EpochProgress(), 0.0, complete=True))
     atomic.write_text(args.history, pd.DataFrame(history).to_csv(index=False))
-    try:
-        tracker.drain(fallback=args.checkpoint_dir / "mlflow_unlogged.json")
-        for path in (last_path, best_path):
-            tracker.log_artifact(path, "checkpoints")
-        tracker.log_artifact(args.history)
-        example = next(iter(DeviceBatches(torch.from_numpy(val_x[:4]), torch.from_numpy(val_y[:4]), 4, mean, std,
-                                          shuffle=False).epoch(0)))[0].contiguous().numpy()
-        model_uri = tracker.log_model(model, example, Path(cifarpipe.__file__).parent)
-        tracker.finish("FINISHED")
-    except Exception as e:  # the training result is safe on disk; MLflow gets what it could
-        print(f"warning: training finished and its outputs are written, but MLflow logging at the end failed "
-              f"({type(e).__name__}: {e}); the run {tracker.run_id} may lack the model or final artifacts",
-              file=sys.stderr)
-        model_uri = "not logged"
+    example = model_example(val_x, val_y, mean, std)
+    model_uri = finish_run(tracker, checkpoints=[last_path, best_path], history=args.history, weights=args.weights,
+                           example=example)
     print(f"done: best val accuracy {best_acc:.4f}; weights {args.weights}; model {model_uri}")
     return 0
+
+
+def model_example(val_x, val_y, mean: list[float], std: list[float]):
+    """Four normalized validation images: the MLflow model's input example (and its signature)."""
+    return next(iter(DeviceBatches(torch.from_numpy(val_x[:4]), torch.from_numpy(val_y[:4]), 4, mean, std,
+                                   shuffle=False).epoch(0)))[0].contiguous().numpy()
+
+
+def finish_run(tracker: tracking.Tracker, *, checkpoints: list[Path], history: Path, weights: Path,
+               example) -> str:
+    """Deliver a finished training's record: queued metrics, the checkpoints and history as
+    artifacts, the model (logged from the weights file), then status FINISHED, last.
+
+    Everything goes through the journal (tracker.journal): what the store does not take stays there
+    and is delivered by evaluate or the next `dvc repro`; the stage still succeeds, since its
+    outputs are complete and DVC must record them. Safe to call again for the same run (to finalize
+    a run whose process was killed after the final checkpoint, or to redeliver): the model is
+    logged once, artifacts overwrite, metrics already in the run are skipped. Returns the model's
+    URI, or a note that it is pending.
+    """
+    journal = tracker.journal
+    tracker.drain()  # queued per-epoch metrics: sent, or journaled
+    for path in checkpoints:
+        if path.exists():
+            journal.add_artifact(tracker.run_id, path, "checkpoints")
+    journal.add_artifact(tracker.run_id, history)
+    journal.add_model(tracker.run_id, weights, example)
+    tracker.finish("FINISHED")  # journals the status after the rest and delivers this run's items
+    left = [it for it in journal.items if it["run_id"] == tracker.run_id]
+    if left:
+        print(f"warning: training finished and its outputs are written, but MLflow store {tracking.tracking_uri()} "
+              f"did not take {len(left)} item(s) of run {tracker.run_id} ({journal.errors.get(tracker.run_id, '')}); "
+              f"they are kept in {journal.path} and delivered by the evaluate stage or the next `dvc repro`",
+              file=sys.stderr)
+        return f"pending in {journal.path}"
+    try:
+        return tracking.logged_model_uri(tracker.client, tracker.run_id) or "not logged"
+    except Exception:  # delivered a moment ago; only this look-up failed
+        return f"runs:/{tracker.run_id}/model"
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic, checkpoint
 from cifarpipe.config import UserError
-from cifarpipe.tracking import Tracker
+from cifarpipe.tracking import Pending, Tracker, deliver
 
 
 class FlakyClient:
@@ -59,14 +59,18 @@ def test_metrics_sent_while_the_store_is_down_land_once_it_is_back(tracker, caps
 
 
 def test_metrics_are_kept_locally_if_the_store_never_comes_back(tracker, tmp_path, capsys):
-    t, flaky, _ = tracker
+    t, flaky, real = tracker
     flaky.down = True
     t.queue_history([row(1), row(2)])
-    fallback = tmp_path / "mlflow_unlogged.json"
-    assert not t.drain(attempts=2, pause_s=0.01, fallback=fallback)
-    saved = json.loads(fallback.read_text())
-    assert saved["run_id"] == t.run_id and len(saved["metrics"]) == 2 * 7
+    t.journal = Pending(tmp_path / "mlflow_pending.json")
+    assert not t.drain(attempts=2, pause_s=0.01)
+    saved = json.loads(t.journal.path.read_text())["items"]
+    assert [(it["run_id"], it["kind"], len(it["metrics"])) for it in saved] == [(t.run_id, "metrics", 2 * 7)]
     assert "could not be sent" in capsys.readouterr().err
+    assert t.drain()  # nothing queued twice: the journal holds them now
+    flaky.down = False
+    assert deliver(real, Pending(t.journal.path)) == 0 and not t.journal.path.exists()
+    assert sorted(m.step for m in real.get_metric_history(t.run_id, "val_accuracy")) == [1, 2]
 
 
 def test_resume_resends_only_what_the_run_lacks(tracker):
