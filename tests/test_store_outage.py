@@ -3,6 +3,7 @@ training, during evaluate): nothing is split, nothing is lost, DVC keeps every f
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import socket
 import subprocess
@@ -113,7 +114,7 @@ def test_training_survives_a_store_outage_and_every_epoch_lands(project, mlflow_
 
 
 class RuleProxy(http.server.ThreadingHTTPServer):
-    """Forwards to the MLflow server, but answers 503 to every request `refuse(method, path)` picks."""
+    """Forwards to the MLflow server, but answers 503 to every request `refuse(method, path, body)` picks."""
 
     outages = refused = 0  # _ProxyHandler's metric-batch outage: off here
 
@@ -140,11 +141,12 @@ class _RuleHandler(_ProxyHandler):
     server: RuleProxy
 
     def _forward(self) -> None:
-        if self.server.refuse(self.command, self.path):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.refuse(self.command, self.path, body):
             self.server.refused_calls.append(f"{self.command} {self.path}")
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
             self.send_error(503, "store down")
             return
+        self.rfile = io.BytesIO(body)  # _ProxyHandler reads the body again
         super()._forward()
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
@@ -159,7 +161,7 @@ def test_an_outage_while_resuming_stops_before_training_and_never_splits_the_run
     run(["dvc", "repro", "split"], project)
     client = MlflowClient(mlflow_server)
     down = {"on": False}
-    with RuleProxy(mlflow_server, lambda method, path: down["on"] and "/runs/get" in path) as proxy:
+    with RuleProxy(mlflow_server, lambda method, path, body: down["on"] and "/runs/get" in path) as proxy:
         killed = run(stage_cmd(project, "train"), project, env={**proxy.env, "CIFARPIPE_FAULT": "step:2:3"},
                      check=False)
         assert killed.returncode == -9
@@ -185,12 +187,11 @@ def test_an_outage_while_resuming_stops_before_training_and_never_splits_the_run
     assert [m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy")] == [1, 2]
 
 
-def _end_of_run_calls(method: str, path: str) -> bool:
+def _end_of_run_calls(method: str, path: str, body: bytes) -> bool:
     """The store refuses what the end of training and evaluate send: artifact uploads (all but the
-    requirements file logged at the start), logged-model calls, run status updates, metric batches
-    without a training epoch (test metrics)."""
+    requirements file logged at the start) and terminal statuses (updates with an end time)."""
     return (method == "PUT" and "/mlflow-artifacts/artifacts/" in path and "/environment/" not in path
-            ) or "/logged-models" in path or "/runs/update" in path
+            ) or ("/runs/update" in path and b"end_time" in body)
 
 
 def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project, mlflow_server):
@@ -235,5 +236,5 @@ def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project,
     assert {"history.csv", "checkpoints/last.pt", "checkpoints/best.pt", "evaluation/metrics.json",
             "evaluation/per_class.csv", "evaluation/confusion.png"} <= arts
     models = client.search_logged_models([r.info.experiment_id])
-    assert [(m.name, m.source_run_id) for m in models] == [("model", run_id)]
+    assert [(m.name, m.source_run_id, m.status.name) for m in models] == [("model", run_id, "READY")]
     assert run(["dvc", "status"], project).stdout.strip().endswith("up to date.")

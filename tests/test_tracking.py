@@ -155,3 +155,26 @@ def test_a_checkpoint_queued_again_before_its_upload_ran_is_uploaded_once_in_its
     t.log_artifact(ckpt, "checkpoints", background=True)  # queued again once the first upload ran
     t._pool.submit(lambda: None).result()
     assert len(uploads) == 2
+
+
+def test_the_model_is_logged_once_however_often_it_is_delivered(tmp_path, monkeypatch):
+    from cifarpipe.config import ModelParams
+    from cifarpipe.models import build_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # log_model uses MLflow's fluent API
+    client = MlflowClient(uri)
+    journal = Pending(tmp_path / "mlflow_pending.json")
+    t = Tracker.start(client, "test", None, journal=journal)
+    model = build_model(ModelParams(name="course_cnn", width=64))
+    weights = tmp_path / "model.pt"
+    checkpoint.save_weights(weights, {"model": {"name": "course_cnn", "width": 64}, "state_dict": model.state_dict()})
+    example = torch.zeros(2, 3, 32, 32).numpy()
+    exp_id = client.get_run(t.run_id).info.experiment_id
+    # What an upload cut off by an outage leaves: a LoggedModel of the run that never became READY.
+    client.create_logged_model(exp_id, name="model", source_run_id=t.run_id)
+    for _ in range(2):  # e.g. the end of training, then a redelivery whose first answer was lost
+        journal.add_model(t.run_id, weights, example)
+        assert deliver(client, journal) == 0
+    assert [(m.name, m.status.name) for m in client.search_logged_models([exp_id])] == [("model", "READY")]
+    t.finish()

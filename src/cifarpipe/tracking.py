@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Hashable
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -491,8 +491,7 @@ def _deliver_one(client: MlflowClient, item: dict[str, Any]) -> None:
         client.log_artifact(run_id, item["path"], item["artifact_path"])
     elif kind == "model":
         _check_unchanged(item, "weights")
-        if logged_model_uri(client, run_id) is None:  # the answer to an earlier upload may have been lost
-            _log_model_from_weights(client, run_id, item)
+        _log_model_once(client, run_id, item)  # the answer to an earlier upload may have been lost
     elif kind == "status":
         client.set_terminated(run_id, item["status"])
     elif kind == "abandon":
@@ -518,13 +517,26 @@ def _log_metrics_once(client: MlflowClient, run_id: str, metrics: list[Metric]) 
         client.log_batch(run_id, metrics=new[i:i + _MAX_BATCH])
 
 
+def _run_models(client: MlflowClient, run_id: str) -> list:
+    exp_id = client.get_run(run_id).info.experiment_id
+    return [m for m in client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'")
+            if m.name == "model"]
+
+
 def logged_model_uri(client: MlflowClient, run_id: str) -> str | None:
     """The model this run already logged (MLflow 3 keeps models as LoggedModels), or None."""
-    exp_id = client.get_run(run_id).info.experiment_id
-    for m in client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'"):
-        if m.name == "model" and str(m.status).upper().endswith("READY"):
-            return m.model_uri
-    return None
+    return next((m.model_uri for m in _run_models(client, run_id) if m.status == LoggedModelStatus.READY), None)
+
+
+def _log_model_once(client: MlflowClient, run_id: str, item: dict[str, Any]) -> None:
+    """Log the model unless the run has it. A model whose upload an outage cut off stays behind
+    as PENDING or FAILED: delete it, so the run ends with exactly one model."""
+    models = _run_models(client, run_id)
+    if any(m.status == LoggedModelStatus.READY for m in models):
+        return
+    for m in models:
+        client.delete_logged_model(m.model_id)
+    _log_model_from_weights(client, run_id, item)
 
 
 def _log_model_from_weights(client: MlflowClient, run_id: str, item: dict[str, Any]) -> str:
