@@ -17,7 +17,6 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-import cifarpipe
 from cifarpipe import atomic, checkpoint, data, engine, faults, split, tracking
 from cifarpipe.cli import run_stage, stage_parser
 from cifarpipe.config import UserError, flatten, load_params
@@ -83,6 +82,7 @@ def main() -> int:
         print(f"{last_path}: this training finished in MLflow run {resume['mlflow_run_id']}; "
               f"`mlflow run` created run {mlflow_project_run} for a new one, so it trains again")
         resume = None
+    journal = tracking.Pending(tracking.journal_path(args.run_id))  # what the store did not take yet
 
     # ---- model, optimizer, scheduler (the course's recipe; values from params.yaml)
     setup = engine.build_training(params.model, p, device)
@@ -136,7 +136,12 @@ def main() -> int:
     # its own run (it logged no epoch yet, and training from the seed redoes exactly its work);
     # any other is marked KILLED, and resumes from its checkpoint folder if its params come back.
     workspace = tracking.workspace_tags()
-    for orphan in tracking.running_runs(client, params.tracking.experiment, workspace["workspace_key"]):
+    try:
+        orphans = tracking.running_runs(client, params.tracking.experiment, workspace["workspace_key"])
+    except Exception as e:
+        raise UserError(f"the MLflow store {tracking.tracking_uri()} did not answer a search ({type(e).__name__}); "
+                        "nothing was trained and no run was changed: run again when it answers") from None
+    for orphan in orphans:
         orphan_id = orphan.info.run_id
         if orphan_id in (run_id, mlflow_project_run):
             continue
@@ -146,12 +151,12 @@ def main() -> int:
             print(f"continuing MLflow run {run_id}: its training was killed before the first checkpoint")
         else:
             tracking.mark_abandoned(client, orphan_id, "interrupted; another training ran in its workspace "
-                                                       "(it resumes from its checkpoint if its params return)")
+                                                       "(it resumes from its checkpoint if its params return)", journal)
 
-    tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id,
+    tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id, journal=journal,
                                      create_tags={**workspace, "fingerprint": fingerprint})
     if run_id and tracker.run_id != run_id:  # e.g. `mlflow run .` continues a killed job
-        tracking.mark_abandoned(client, run_id, f"continued in run {tracker.run_id}")
+        tracking.mark_abandoned(client, run_id, f"continued in run {tracker.run_id}", journal)
     atomic.write_text(args.run_id, tracker.run_id + "\n")
     if resume and tracker.run_id == run_id:
         tracker.queue_history(history, skip=tracker.logged_steps())  # fill what the killed process never sent
@@ -200,7 +205,7 @@ def main() -> int:
             carried_seconds = 0.0
             if progress.step < steps_per_epoch:  # stopped at a safe point inside the epoch
                 checkpoint.save(last_path, make_checkpoint(epoch, progress, seconds))
-                tracker.drain(fallback=args.checkpoint_dir / "mlflow_unlogged.json")
+                tracker.drain()
                 tracker.finish("KILLED")
                 print(f"stopped in epoch {number} after batch {progress.step}: checkpoint saved to {last_path}. "
                       "Run `dvc repro` to resume.")
@@ -233,12 +238,12 @@ def main() -> int:
                   f"val acc {val.accuracy:.4f}  lr {lr:.2e}  {seconds:6.1f} s  {row['images_per_second']:8.0f} img/s",
                   flush=True)
             if stop.requested:
-                tracker.drain(fallback=args.checkpoint_dir / "mlflow_unlogged.json")
+                tracker.drain()
                 tracker.finish("KILLED")
                 print(f"stopped after epoch {number}: checkpoint saved to {last_path}. Run `dvc repro` to resume.")
                 return stop.exit_code
     except BaseException:
-        tracker.drain(attempts=1, fallback=args.checkpoint_dir / "mlflow_unlogged.json")
+        tracker.drain(attempts=1)
         tracker.finish("FAILED")
         raise
     finally:
@@ -257,24 +262,52 @@ def main() -> int:
         tracking.write_tensorboard(tb_dir, history)
     checkpoint.save(last_path, make_checkpoint(p.epochs, engine.EpochProgress(), 0.0, complete=True))
     faults.hit("finish", p.epochs)
-    try:
-        tracker.drain(fallback=args.checkpoint_dir / "mlflow_unlogged.json")
-        for path in (last_path, best_path):
-            tracker.log_artifact(path, "checkpoints")
-        tracker.log_artifact(args.history)
-        if tb_dir:  # artifact tensorboard/<folder>/: a downloaded `tensorboard` folder is a --logdir
-            tracker.log_artifact(tb_dir / tracking.TENSORBOARD_FILE, f"tensorboard/{tb_dir.name}")
-        example = next(iter(DeviceBatches(torch.from_numpy(val_x[:4]), torch.from_numpy(val_y[:4]), 4, mean, std,
-                                          shuffle=False).epoch(0)))[0].contiguous().numpy()
-        model_uri = tracker.log_model(model, example, Path(cifarpipe.__file__).parent)
-        tracker.finish("FINISHED")
-    except Exception as e:  # the training result is safe on disk; MLflow gets what it could
-        print(f"warning: training finished and its outputs are written, but MLflow logging at the end failed "
-              f"({type(e).__name__}: {e}); the run {tracker.run_id} may lack the model or final artifacts",
-              file=sys.stderr)
-        model_uri = "not logged"
+    tensorboard = [(tb_dir / tracking.TENSORBOARD_FILE, f"tensorboard/{tb_dir.name}")] if tb_dir else []
+    model_uri = finish_run(tracker, checkpoints=[last_path, best_path], history=args.history, weights=args.weights,
+                           example=model_example(val_x, val_y, mean, std), extra_artifacts=tensorboard)
     print(f"done: best val accuracy {best_acc:.4f}; weights {args.weights}; model {model_uri}")
     return 0
+
+
+def model_example(val_x, val_y, mean: list[float], std: list[float]):
+    """Four normalized validation images: the MLflow model's input example (and its signature)."""
+    return next(iter(DeviceBatches(torch.from_numpy(val_x[:4]), torch.from_numpy(val_y[:4]), 4, mean, std,
+                                   shuffle=False).epoch(0)))[0].contiguous().numpy()
+
+
+def finish_run(tracker: tracking.Tracker, *, checkpoints: list[Path], history: Path, weights: Path,
+               example, extra_artifacts: list[tuple[Path, str]] = ()) -> str:
+    """Deliver a finished training's record: queued metrics, the checkpoints and history as
+    artifacts, the model (logged from the weights file), then status FINISHED, last.
+
+    Everything goes through the journal (tracker.journal): what the store does not take stays there
+    and is delivered by evaluate or the next `dvc repro`; the stage still succeeds, since its
+    outputs are complete and DVC must record them. Safe to call again for the same run (to finalize
+    a run whose process was killed after the final checkpoint, or to redeliver): the model is
+    logged once, artifacts overwrite, metrics already in the run are skipped. Returns the model's
+    URI, or a note that it is pending.
+    """
+    journal = tracker.journal
+    tracker.drain()  # queued per-epoch metrics: sent, or journaled
+    for path in checkpoints:
+        if path.exists():
+            journal.add_artifact(tracker.run_id, path, "checkpoints")
+    journal.add_artifact(tracker.run_id, history)
+    for path, artifact_path in extra_artifacts:  # e.g. the TensorBoard event file: a `--logdir` once downloaded
+        journal.add_artifact(tracker.run_id, path, artifact_path)
+    journal.add_model(tracker.run_id, weights, example)
+    tracker.finish("FINISHED")  # journals the status after the rest and delivers this run's items
+    left = [it for it in journal.items if it["run_id"] == tracker.run_id]
+    if left:
+        print(f"warning: training finished and its outputs are written, but MLflow store {tracking.tracking_uri()} "
+              f"did not take {len(left)} item(s) of run {tracker.run_id} ({journal.errors.get(tracker.run_id, '')}); "
+              f"they are kept in {journal.path} and delivered by the evaluate stage or the next `dvc repro`",
+              file=sys.stderr)
+        return f"pending in {journal.path}"
+    try:
+        return tracking.logged_model_uri(tracker.client, tracker.run_id) or "not logged"
+    except Exception:  # delivered a moment ago; only this look-up failed
+        return f"runs:/{tracker.run_id}/model"
 
 
 if __name__ == "__main__":

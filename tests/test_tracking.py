@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic, checkpoint
 from cifarpipe.config import UserError
-from cifarpipe.tracking import Tracker
+from cifarpipe.tracking import Pending, Tracker, deliver
 
 
 class FlakyClient:
@@ -59,14 +59,18 @@ def test_metrics_sent_while_the_store_is_down_land_once_it_is_back(tracker, caps
 
 
 def test_metrics_are_kept_locally_if_the_store_never_comes_back(tracker, tmp_path, capsys):
-    t, flaky, _ = tracker
+    t, flaky, real = tracker
     flaky.down = True
     t.queue_history([row(1), row(2)])
-    fallback = tmp_path / "mlflow_unlogged.json"
-    assert not t.drain(attempts=2, pause_s=0.01, fallback=fallback)
-    saved = json.loads(fallback.read_text())
-    assert saved["run_id"] == t.run_id and len(saved["metrics"]) == 2 * 7
+    t.journal = Pending(tmp_path / "mlflow_pending.json")
+    assert not t.drain(attempts=2, pause_s=0.01)
+    saved = json.loads(t.journal.path.read_text())["items"]
+    assert [(it["run_id"], it["kind"], len(it["metrics"])) for it in saved] == [(t.run_id, "metrics", 2 * 7)]
     assert "could not be sent" in capsys.readouterr().err
+    assert t.drain()  # nothing queued twice: the journal holds them now
+    flaky.down = False
+    assert deliver(real, Pending(t.journal.path)) == 0 and not t.journal.path.exists()
+    assert sorted(m.step for m in real.get_metric_history(t.run_id, "val_accuracy")) == [1, 2]
 
 
 def test_resume_resends_only_what_the_run_lacks(tracker):
@@ -151,3 +155,26 @@ def test_a_checkpoint_queued_again_before_its_upload_ran_is_uploaded_once_in_its
     t.log_artifact(ckpt, "checkpoints", background=True)  # queued again once the first upload ran
     t._pool.submit(lambda: None).result()
     assert len(uploads) == 2
+
+
+def test_the_model_is_logged_once_however_often_it_is_delivered(tmp_path, monkeypatch):
+    from cifarpipe.config import ModelParams
+    from cifarpipe.models import build_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # log_model uses MLflow's fluent API
+    client = MlflowClient(uri)
+    journal = Pending(tmp_path / "mlflow_pending.json")
+    t = Tracker.start(client, "test", None, journal=journal)
+    model = build_model(ModelParams(name="course_cnn", width=64))
+    weights = tmp_path / "model.pt"
+    checkpoint.save_weights(weights, {"model": {"name": "course_cnn", "width": 64}, "state_dict": model.state_dict()})
+    example = torch.zeros(2, 3, 32, 32).numpy()
+    exp_id = client.get_run(t.run_id).info.experiment_id
+    # What an upload cut off by an outage leaves: a LoggedModel of the run that never became READY.
+    client.create_logged_model(exp_id, name="model", source_run_id=t.run_id)
+    for _ in range(2):  # e.g. the end of training, then a redelivery whose first answer was lost
+        journal.add_model(t.run_id, weights, example)
+        assert deliver(client, journal) == 0
+    assert [(m.name, m.status.name) for m in client.search_logged_models([exp_id])] == [("model", "READY")]
+    t.finish()

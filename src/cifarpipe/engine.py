@@ -168,6 +168,18 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     return EpochProgress(step, loss_sum.item(), int(correct.item()), seen)
 
 
+def eval_logits(model: nn.Module, x: torch.Tensor, *, amp: bool = False, tta_flip: bool = False) -> torch.Tensor:
+    """The model's fp32 logits for `x` (call under no_grad, model in eval mode); with `tta_flip`, the
+    average with the mirror image's (flips are label-preserving in CIFAR-10)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+        flipped = model(x.flip(3)) if tta_flip else None
+    # fp32 from here: bf16 keeps 8 significant bits, so a flip average in bf16 rounds (1.0 +
+    # 1.0078 is 2.0, a tie with 1.0 + 1.0) and argmax then takes the lower class index.
+    logits = logits.float()
+    return logits if flipped is None else (logits + flipped.float()) / 2
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False, tta_flip: bool = False) -> EvalResult:
     """Mean cross-entropy and accuracy over `batches`, with the model in eval mode."""
@@ -176,14 +188,7 @@ def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False, tta_flip:
     loss_sum = torch.zeros((), device=device)
     preds, n, correct = [], 0, torch.zeros((), device=device, dtype=torch.long)
     for x, y in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-            flipped = model(x.flip(3)) if tta_flip else None  # flips are label-preserving in CIFAR-10
-        # fp32 from here: bf16 keeps 8 significant bits, so a flip average in bf16 rounds (1.0 +
-        # 1.0078 is 2.0, a tie with 1.0 + 1.0) and argmax then takes the lower class index.
-        logits = logits.float()
-        if flipped is not None:
-            logits = (logits + flipped.float()) / 2
+        logits = eval_logits(model, x, amp=amp, tta_flip=tta_flip)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         pred = logits.argmax(1)
         correct += (pred == y).sum()

@@ -5,12 +5,22 @@ in the working directory, which `mlflow ui` started in the repo root shows with 
 
 Metrics are logged from a background thread once per epoch. If the store goes away mid-run,
 training goes on: the values stay queued and are sent with the next epoch's batch; whatever is
-still unsent at the end is written to a JSON file beside the checkpoints, with a message.
+still unsent at the end goes into the pending-deliveries journal (below), with a message.
 Because the checkpoint's history is the source of truth, a resumed job re-sends exactly the
 (metric, epoch) pairs the run lacks: no duplicates, no gaps.
+
+Pending deliveries: what a stage could not deliver to the store (metric values, artifact files, the
+model to log from the weights file, a terminal status, a run to mark KILLED, an evaluation) is kept
+in one atomic JSON file, `mlflow_pending.json` beside the run-id file (outputs/), and delivered by
+the next stage that reaches the store: train at its start and end, evaluate at its start. Each
+delivery is idempotent (metrics already in the run, a model the run already has, are skipped), so
+an item whose answer was lost is redelivered safely. Only a definite "no such run" from the store
+means a run is gone; any other error (a 5xx, a timeout) is an outage, never a reason to start a
+new run.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -28,8 +38,9 @@ from pathlib import Path
 from typing import Any, Hashable
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic
@@ -41,11 +52,39 @@ _MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 # While training, a remote store that stops answering must cost seconds, not MLflow's default
 # 7 retries x 120 s per call: 2 retries, 20 s each. A user's own settings win.
 _TRAINING_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-_DRAIN_WAIT_S = 120.0  # at most this long for queued logging at the end, then fall back to the file
+_DRAIN_WAIT_S = 120.0  # at most this long for queued logging at the end, then fall back to the journal
+PENDING_NAME = "mlflow_pending.json"
+EVALUATION_PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under its parent
 
 
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+def is_not_found(e: BaseException) -> bool:
+    """The store's definite "no such run/model" answer: RESOURCE_DOES_NOT_EXIST, which MLflow 3 raises
+    for a SQLite store and relays from a server (HTTP 404). A 5xx, a timeout or a refused connection
+    arrive as other codes (INTERNAL_ERROR after the retries) and mean "don't know"."""
+    return isinstance(e, MlflowException) and e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def _is_refusal(e: BaseException) -> bool:
+    """An answer that will not change on retry (4xx other than 429): the item can never be delivered."""
+    if not isinstance(e, MlflowException) or "Max retries exceeded" in str(e):
+        return False
+    code = e.get_http_status_code()
+    return 400 <= code < 500 and code != 429
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def client() -> MlflowClient:
+    """A client for MLflow's resolved store, without a reachability check (evaluate writes its
+    outputs first and journals what the store does not take)."""
+    return MlflowClient(tracking_uri())
 
 
 @contextlib.contextmanager
@@ -121,22 +160,37 @@ def has_epoch_metrics(client: MlflowClient, run_id: str) -> bool:
     return any(k in EPOCH_METRICS for k in client.get_run(run_id).data.metrics)
 
 
-def mark_abandoned(client: MlflowClient, run_id: str, why: str) -> None:
-    """A killed job's run that will not be continued: KILLED instead of RUNNING forever."""
+def mark_abandoned(client: MlflowClient, run_id: str, why: str, journal: "Pending | None" = None) -> None:
+    """A killed job's run that will not be continued: KILLED instead of RUNNING forever.
+
+    A store that does not answer must neither stop the job (this is bookkeeping of a run nobody
+    continues; the training to come does not depend on it) nor pass for "the run is gone": the
+    tidy-up is journaled in `journal` and done by the next delivery, with a warning now.
+    """
     try:
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "abandoned", why)
-            client.set_terminated(run_id, "KILLED")
-    except MlflowException:
-        pass  # the run is gone from this store: nothing to tidy
+        _abandon(client, run_id, why)
+    except Exception as e:
+        if is_not_found(e):
+            return  # the run is gone from this store: nothing to tidy
+        print(f"warning: could not mark MLflow run {run_id} KILLED ({_short(e)})"
+              + (f"; kept in {journal.path} and done when the store answers" if journal else ""), file=sys.stderr)
+        if journal is not None:
+            journal.add({"run_id": run_id, "kind": "abandon", "why": why})
+
+
+def _abandon(client: MlflowClient, run_id: str, why: str) -> None:
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, "abandoned", why)
+        client.set_terminated(run_id, "KILLED")
 
 
 class Tracker:
     """One MLflow run of a training job (new, resumed, or the one `mlflow run` created)."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, journal: "Pending | None" = None) -> None:
         self.client = client
         self.run_id = run_id
+        self.journal = journal  # where undeliverable metrics, artifacts, model and status go
         for key, value in _TRAINING_HTTP.items():
             os.environ.setdefault(key, value)
         self._pending: list[Metric] = []
@@ -174,27 +228,44 @@ class Tracker:
     # ------------------------------------------------------------ lifecycle
     @classmethod
     def start(cls, client: MlflowClient, experiment: str, resume_run_id: str | None, log=print,
-              create_tags: dict[str, str] | None = None) -> "Tracker":
+              journal: "Pending | None" = None, create_tags: dict[str, str] | None = None) -> "Tracker":
         """Adopt MLFLOW_RUN_ID (the run `mlflow run .` created: it must not stay empty); else resume
         `resume_run_id` if the store still has it; else create a new run in `experiment`, tagged
-        with `create_tags` in the same call (no moment exists where the run lacks them)."""
-        for run_id, why in ((os.environ.get("MLFLOW_RUN_ID"), "mlflow run"), (resume_run_id, "resuming")):
-            if not run_id:
-                continue
-            try:
-                run = client.get_run(run_id)
-            except MlflowException:
-                log(f"MLflow run {run_id} ({why}) is not in {tracking_uri()}; starting a new run")
-                continue
-            if run.info.lifecycle_stage != "active":
-                log(f"MLflow run {run_id} ({why}) was deleted; starting a new run")
-                continue
-            client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-            return cls(client, run_id)
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        run = client.create_run(exp_id, tags=create_tags or {})
-        return cls(client, run.info.run_id)
+        with `create_tags` in the same call (no moment exists where the run lacks them).
+
+        Only the store's definite "no such run" starts a new run. Any other error (a 5xx, a
+        timeout) stops here with a UserError, before anything is trained or changed: continuing
+        in a new run would split the job and mark the real run KILLED. First, whatever `journal`
+        holds from earlier jobs is delivered (best effort: what fails stays in the journal).
+        """
+        uri = _uri(client)
+        if journal is not None and journal.items:
+            deliver(client, journal, log=log)
+        try:
+            for run_id, why in ((os.environ.get("MLFLOW_RUN_ID"), "mlflow run"), (resume_run_id, "resuming")):
+                if not run_id:
+                    continue
+                try:
+                    run = client.get_run(run_id)
+                except MlflowException as e:
+                    if not is_not_found(e):
+                        raise
+                    log(f"MLflow run {run_id} ({why}) is not in {uri}; starting a new run")
+                    continue
+                if run.info.lifecycle_stage != "active":
+                    log(f"MLflow run {run_id} ({why}) was deleted; starting a new run")
+                    continue
+                client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+                if journal is not None:  # a journaled KILLED/FAILED of an earlier attempt is obsolete now
+                    journal.remove(lambda it: it["run_id"] == run_id and it["kind"] == "status")
+                return cls(client, run_id, journal)
+            exp = client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+            run = client.create_run(exp_id, tags=create_tags or {})
+        except Exception as e:
+            raise UserError(f"the MLflow store {uri} did not answer as expected ({_short(e)}). Nothing was "
+                            "trained and no run was changed; run again when the store answers.") from None
+        return cls(client, run.info.run_id, journal)
 
     def log_start(self, params: dict[str, Any], tags: dict[str, str], requirements: str) -> None:
         """Params (flattened, dotted), reproducibility tags and the requirements artifact."""
@@ -206,8 +277,16 @@ class Tracker:
         self.log_text(requirements, "environment/requirements.txt")
 
     def finish(self, status: str = "FINISHED") -> None:
+        """End the run with `status`; a store that does not answer gets it later from the journal."""
+        self.close()
+        if self.journal is None:
+            self.client.set_terminated(self.run_id, status)
+            return
+        self.journal.add({"run_id": self.run_id, "kind": "status", "status": status})
+        deliver(self.client, self.journal, runs={self.run_id})
+
+    def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)  # drain() ran first; never hang the exit
-        self.client.set_terminated(self.run_id, status)
 
     # ------------------------------------------------------------ metrics
     def logged_steps(self) -> dict[str, set[int]]:
@@ -248,9 +327,8 @@ class Tracker:
         except TimeoutError:
             return False
 
-    def drain(self, attempts: int = 3, pause_s: float = 2.0, fallback: Path | None = None,
-              timeout_s: float = _DRAIN_WAIT_S) -> bool:
-        """Wait (at most `timeout_s`) for queued logging; retry a few times; else save metrics to `fallback`."""
+    def drain(self, attempts: int = 3, pause_s: float = 2.0, timeout_s: float = _DRAIN_WAIT_S) -> bool:
+        """Wait (at most `timeout_s`) for queued logging; retry a few times; else journal the metrics."""
         deadline = time.monotonic() + timeout_s
         if self._wait_queue(timeout_s):
             for attempt in range(attempts):
@@ -265,10 +343,12 @@ class Tracker:
                 time.sleep(pause_s * (attempt + 1))
         with self._lock:
             rows = [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp} for m in self._pending]
-        if fallback is not None and rows:
-            atomic.write_text(fallback, json.dumps({"run_id": self.run_id, "metrics": rows}, indent=1))
-            print(f"warning: {len(rows)} metric values could not be sent to {tracking_uri()}; they are "
-                  f"saved in {fallback}, and the per-epoch history is in the history CSV", file=sys.stderr)
+        if self.journal is not None and rows:
+            self.journal.add({"run_id": self.run_id, "kind": "metrics", "metrics": rows})
+            with self._lock:
+                self._pending.clear()  # the journal has them now: a later drain must not add them twice
+            print(f"warning: {len(rows)} metric values could not be sent to {_uri(self.client)}; they are "
+                  f"kept in {self.journal.path} and sent when it answers", file=sys.stderr)
         return False
 
     # ------------------------------------------------------------ artifacts
@@ -302,11 +382,12 @@ class Tracker:
         with torch.no_grad():
             output = model(torch.from_numpy(input_example)).numpy()
         signature = infer_signature(input_example, output)
+        # start_run's exit marks the run FINISHED: deliver() logs the model only once everything
+        # journaled before it for this run has landed, and the status item follows it.
         with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
             info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example,
                                             code_paths=[str(code_dir)],
                                             pip_requirements=[f"torch=={importlib.metadata.version('torch')}", "numpy"])
-        # start_run's exit marked the run FINISHED; the job may still be running (evaluate follows).
         return info.model_uri
 
 
@@ -407,3 +488,229 @@ def read_runs(experiment: str | None, filter_string: str = "", max_runs: int = 1
                       histories={k: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, k))
                                  for k in histories})
             for r in runs]
+
+# ------------------------------------------------------------ pending deliveries
+def _uri(client: MlflowClient) -> str:
+    return getattr(client, "tracking_uri", None) or tracking_uri()
+
+
+def journal_path(run_id_file: Path) -> Path:
+    """The journal both stages share: beside the run-id file (outputs/mlflow_pending.json). Not a
+    DVC output: it outlives reruns of either stage until everything in it is delivered."""
+    return Path(run_id_file).parent / PENDING_NAME
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Pending:
+    """The journal of deliveries the store has not taken yet: {"items": [...]}, rewritten atomically
+    after every change, removed once empty. Each item names its run ("run_id") and its "kind":
+    metrics, artifact, model, status, abandon or evaluation (see deliver)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.errors: dict[str, str] = {}  # run id -> the error that stopped its last delivery
+        try:
+            self.items: list[dict[str, Any]] = json.loads(self.path.read_text())["items"]
+        except FileNotFoundError:
+            self.items = []
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise UserError(f"{self.path}: unreadable MLflow pending-deliveries journal ({type(e).__name__}: {e}); "
+                            "move it away to continue (what it listed will then not reach MLflow)") from None
+
+    def save(self) -> None:
+        if self.items:
+            atomic.write_text(self.path, json.dumps({"items": self.items}, indent=1) + "\n")
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def add(self, item: dict[str, Any]) -> None:
+        if item["kind"] == "status":  # a run's status is set once, after everything else of the run
+            self.items = [it for it in self.items if not (it["run_id"] == item["run_id"] and it["kind"] == "status")]
+        self.items.append(item)
+        self.save()
+
+    def add_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        # The hash pins the file's content: a later job may overwrite the file before the store is back.
+        self.add({"run_id": run_id, "kind": "artifact", "path": str(path), "artifact_path": artifact_path,
+                  "sha256": file_sha256(path)})
+
+    def add_model(self, run_id: str, weights: Path, input_example) -> None:
+        import numpy as np
+
+        example = np.ascontiguousarray(input_example, dtype=np.float32)
+        self.add({"run_id": run_id, "kind": "model", "weights": str(weights), "sha256": file_sha256(weights),
+                  "example": base64.b64encode(example.tobytes()).decode(), "shape": list(example.shape)})
+
+    def add_evaluation(self, run_id: str, params: dict[str, Any], metrics: dict[str, float], artifacts: list[Path],
+                       artifact_path: str = "evaluation") -> None:
+        """An evaluation of run `run_id`'s model; deliver() decides where it goes (see _deliver_evaluation).
+        It supersedes an undelivered older evaluation of the same run, whose files it has overwritten."""
+        old = [it for it in self.items if it["run_id"] == run_id and it["kind"] == "evaluation"]
+        if old:
+            print(f"note: an undelivered earlier evaluation of run {run_id} is replaced by this one", file=sys.stderr)
+        self.items = [it for it in self.items if it not in old]
+        self.add({"run_id": run_id, "kind": "evaluation", "params": {k: str(v) for k, v in params.items()},
+                  "metrics": {k: float(v) for k, v in metrics.items()}, "artifact_path": artifact_path,
+                  "artifacts": [{"path": str(a), "sha256": file_sha256(a)} for a in artifacts]})
+
+    def remove(self, predicate) -> None:
+        self.items = [it for it in self.items if not predicate(it)]
+        self.save()
+
+
+class _Undeliverable(Exception):
+    """This item can never be delivered (its file changed, the store refused it): drop it, say so."""
+
+
+def deliver(client: MlflowClient, journal: Pending, runs: set[str] | None = None, log=print) -> int:
+    """Deliver the journal's items (of `runs`, default all), in order, run by run; return how many are left.
+
+    A run's items go in the order they were journaled and the first failure stops that run's
+    deliveries (the status comes last, so a run is FINISHED only with everything in it). The store's
+    "no such run" drops the run's items; a refusal (4xx) or a file changed since drops the item;
+    anything else (an outage) keeps it for the next delivery. Every step is idempotent.
+    """
+    journal.errors = {}
+    for item in list(journal.items):
+        run_id = item["run_id"]
+        if (runs is not None and run_id not in runs) or run_id in journal.errors:
+            continue
+        try:
+            _deliver_one(client, item)
+        except Exception as e:
+            if is_not_found(e):
+                print(f"warning: MLflow run {run_id} is not in {_uri(client)} any more; dropping what was pending "
+                      f"for it ({item['kind']} ...)", file=sys.stderr)
+                journal.remove(lambda it: it["run_id"] == run_id)
+            elif isinstance(e, _Undeliverable) or _is_refusal(e):
+                print(f"warning: not delivered to MLflow run {run_id}, dropped: {item['kind']} "
+                      f"{item.get('path') or item.get('weights') or ''} ({_short(e)})", file=sys.stderr)
+                journal.remove(lambda it: it is item)
+            else:
+                journal.errors[run_id] = _short(e)
+            continue
+        journal.remove(lambda it: it is item)
+    if journal.errors:
+        log(f"warning: MLflow store {_uri(client)} did not take {len(journal.items)} pending item(s) "
+            f"({next(iter(journal.errors.values()))}); they are kept in {journal.path}")
+    return len(journal.items)
+
+
+def _deliver_one(client: MlflowClient, item: dict[str, Any]) -> None:
+    run_id, kind = item["run_id"], item["kind"]
+    if kind == "metrics":
+        _log_metrics_once(client, run_id, [Metric(m["key"], m["value"], m["timestamp"], m["step"])
+                                           for m in item["metrics"]])
+    elif kind == "artifact":
+        _check_unchanged(item)
+        client.log_artifact(run_id, item["path"], item["artifact_path"])
+    elif kind == "model":
+        _check_unchanged(item, "weights")
+        _log_model_once(client, run_id, item)  # the answer to an earlier upload may have been lost
+    elif kind == "status":
+        client.set_terminated(run_id, item["status"])
+    elif kind == "abandon":
+        _abandon(client, run_id, item["why"])
+    elif kind == "evaluation":
+        _deliver_evaluation(client, item)
+    else:
+        raise _Undeliverable(f"unknown kind {kind!r}")
+
+
+def _check_unchanged(item: dict[str, Any], key: str = "path") -> None:
+    path = Path(item[key])
+    if not path.is_file() or file_sha256(path) != item["sha256"]:
+        raise _Undeliverable(f"{path} was removed or rewritten since")
+
+
+def _log_metrics_once(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    """Log the values the run lacks: a (key, step, value) already there (an earlier delivery whose
+    answer was lost) is not logged again."""
+    have = {(m.key, m.step, m.value) for key in {m.key for m in metrics} for m in client.get_metric_history(run_id, key)}
+    new = [m for m in metrics if (m.key, m.step, m.value) not in have]
+    for i in range(0, len(new), _MAX_BATCH):
+        client.log_batch(run_id, metrics=new[i:i + _MAX_BATCH])
+
+
+def _run_models(client: MlflowClient, run_id: str) -> list:
+    exp_id = client.get_run(run_id).info.experiment_id
+    return [m for m in client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'")
+            if m.name == "model"]
+
+
+def logged_model_uri(client: MlflowClient, run_id: str) -> str | None:
+    """The model this run already logged (MLflow 3 keeps models as LoggedModels), or None."""
+    return next((m.model_uri for m in _run_models(client, run_id) if m.status == LoggedModelStatus.READY), None)
+
+
+def _log_model_once(client: MlflowClient, run_id: str, item: dict[str, Any]) -> None:
+    """Log the model unless the run has it. A model whose upload an outage cut off stays behind
+    as PENDING or FAILED: delete it, so the run ends with exactly one model."""
+    models = _run_models(client, run_id)
+    if any(m.status == LoggedModelStatus.READY for m in models):
+        return
+    for m in models:
+        client.delete_logged_model(m.model_id)
+    _log_model_from_weights(client, run_id, item)
+
+
+def _log_model_from_weights(client: MlflowClient, run_id: str, item: dict[str, Any]) -> str:
+    import numpy as np
+
+    import cifarpipe
+    from cifarpipe import checkpoint
+    from cifarpipe.config import ModelParams
+    from cifarpipe.models import build_model
+
+    weights = checkpoint.load(Path(item["weights"]))
+    model = build_model(ModelParams(**weights["model"]))
+    model.load_state_dict(weights["state_dict"])
+    example = np.frombuffer(base64.b64decode(item["example"]), dtype=np.float32).reshape(item["shape"]).copy()
+    return Tracker(client, run_id).log_model(model, example, Path(cifarpipe.__file__).parent)
+
+
+def evaluation_params_key(params: dict[str, str]) -> str:
+    blob = json.dumps({k: v for k, v in params.items() if k.startswith("evaluate.")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _deliver_evaluation(client: MlflowClient, item: dict[str, Any]) -> None:
+    """Test metrics and evaluation artifacts into the training run if it was logged with the same
+    `evaluate.*` params; else into a run of its own, nested under the training run
+    (mlflow.parentRunId) with every current param, so no run's params contradict its metrics."""
+    for art in item["artifacts"]:
+        _check_unchanged(art)
+    train_id, params = item["run_id"], item["params"]
+    run = client.get_run(train_id)
+    current = {k: v for k, v in params.items() if k.startswith("evaluate.")}
+    logged = {k: v for k, v in run.data.params.items() if k.startswith("evaluate.")}
+    target = train_id
+    if logged and logged != current:
+        key = evaluation_params_key(params)
+        found = client.search_runs([run.info.experiment_id], max_results=1, filter_string=(
+            f"tags.`{EVALUATION_PARENT_TAG}` = '{train_id}' AND tags.evaluation_params = '{key}'"))
+        if found:
+            target = found[0].info.run_id
+        else:
+            changed = ", ".join(f"{k}={v}" for k, v in sorted(current.items()) if logged.get(k) != v)
+            note = (f"Evaluation of run {train_id}'s model with other evaluate params than its training run "
+                    f"({changed}); the test metrics of that evaluation are here, not in the training run.")
+            target = client.create_run(run.info.experiment_id, run_name=f"{run.info.run_name}-eval-{key[:6]}", tags={
+                EVALUATION_PARENT_TAG: train_id, "evaluation_of": train_id, "evaluation_params": key,
+                "mlflow.note.content": note}).info.run_id
+        have = client.get_run(target).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in have]
+        for i in range(0, len(new), 100):  # MLflow takes at most 100 params per call
+            client.log_batch(target, params=new[i:i + 100])
+    now = int(time.time() * 1000)
+    _log_metrics_once(client, target, [Metric(k, v, now, 0) for k, v in item["metrics"].items()])
+    for art in item["artifacts"]:
+        client.log_artifact(target, art["path"], item["artifact_path"])
+    client.set_terminated(target, "FINISHED")
