@@ -106,12 +106,18 @@ FAULTS = {
     "after_checkpoint:1": "right after epoch 1's checkpoint, before its metrics were sent",
     f"after_checkpoint:{EPOCHS}": "after the last epoch's checkpoint, before the final outputs",
     f"finish:{EPOCHS}": "after the final checkpoint and outputs, before the MLflow run is complete",
+    "evaluate:0": "during evaluate, with some of its outputs written",
 }
 
 
 def assert_killed_where_said(project: Path, fault: str, killed) -> None:
     ckpt = last_checkpoint(project)
     client, runs = runs_of(project)
+    if fault == "evaluate:0":  # training finished and delivered; evaluate wrote part of its outputs
+        assert [r.info.status for r in runs] == ["FINISHED"] and ckpt["complete"]
+        assert (project / "outputs/per_class.csv").exists() and not (project / "outputs/confusion.csv").exists()
+        assert "test_accuracy" not in runs[0].data.metrics
+        return
     assert [r.info.status for r in runs] == ["RUNNING"]  # SIGKILL: nothing could mark it
     logged = runs[0].data.metrics
     if fault == "step:1:3":
@@ -138,7 +144,8 @@ def test_sigkill_then_dvc_repro_resumes_to_the_same_result(baseline, tmp_path, f
     assert_killed_where_said(project, fault, killed)
     resumed = run(["dvc", "repro"], project).stdout
     expected = {"step:1:3": "killed before the first checkpoint", f"after_checkpoint:{EPOCHS}": "all 3 epochs are trained",
-                f"finish:{EPOCHS}": "all 3 epochs are trained"}.get(fault, "resuming from outputs/checkpoints/")
+                f"finish:{EPOCHS}": "all 3 epochs are trained",
+                "evaluate:0": "Stage 'train' didn't change"}.get(fault, "resuming from outputs/checkpoints/")
     assert expected in resumed
     assert_same_as_uninterrupted(project, done)
 
