@@ -51,6 +51,11 @@ def main() -> None:
     run_id = args.run_id.read_text().strip()
     tracker = tracking.Tracker(client, run_id)
     tracker.log_metrics({"test_loss": result.loss, "test_accuracy": result.accuracy})
+    tracking.log_datasets(client, run_id, [tracking.dataset_input("test", params.data.url, params.data.md5,
+                                                                  len(arrays.test_labels))])
+    if params.tracking.registered_model:  # the version train registered from this run
+        tracking.tag_model_versions(client, params.tracking.registered_model, run_id,
+                                    {"test_accuracy": round(result.accuracy, 4)})
     for path in (args.metrics, args.per_class, args.confusion_png):
         tracker.log_artifact(path, "evaluation")
     tracker.finish("FINISHED")

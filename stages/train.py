@@ -103,7 +103,8 @@ def main() -> int:
 
     if abandoned_run:
         tracking.mark_abandoned(client, abandoned_run, "params or data changed before it finished")
-    tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id)
+    record = tracking.run_record(params)  # run name, DVC experiment, source/user tags, how to reproduce
+    tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id, run_name=record.name)
     if resume and run_id and tracker.run_id != run_id:  # e.g. `mlflow run .` continues a killed job
         tracking.mark_abandoned(client, run_id, f"continued in run {tracker.run_id}")
     atomic.write_text(args.run_id, tracker.run_id + "\n")
@@ -114,7 +115,14 @@ def main() -> int:
                 "data_md5": params.data.md5, "split_hash": split_hash, "fingerprint": fingerprint,
                 "deterministic": str(p.deterministic).lower()}
         tracker.log_start(flat, tags, tracking.requirements_text())
+        tracking.log_record(client, tracker.run_id, record)
         tracker.queue_history(history)  # a resumed job in a new run (the old one was deleted): all epochs
+    tracking.log_datasets(client, tracker.run_id, [
+        tracking.dataset_input(part, params.data.url, params.data.md5, n, split_hash)
+        for part, n in (("training", len(train_y)), ("validation", len(val_y)))])
+    if params.tracking.system_metrics:
+        tracker.system_metrics = tracking.SystemMetrics.start(client, tracker.run_id,
+                                                              resume=bool(resume) and tracker.run_id == run_id)
     print(f"training {params.model.name} on {device} for {p.epochs} epochs, {len(train_y)} images "
           f"({steps_per_epoch} batches of {p.batch_size}); MLflow run {tracker.run_id} in {tracking.tracking_uri()}")
 
@@ -210,6 +218,8 @@ def main() -> int:
         example = next(iter(DeviceBatches(torch.from_numpy(val_x[:4]), torch.from_numpy(val_y[:4]), 4, mean, std,
                                           shuffle=False).epoch(0)))[0].contiguous().numpy()
         model_uri = tracker.log_model(model, example, Path(cifarpipe.__file__).parent)
+        if params.tracking.registered_model:
+            tracking.register_model_version(client, params.tracking.registered_model, tracker.run_id, model_uri)
         tracker.finish("FINISHED")
     except Exception as e:  # the training result is safe on disk; MLflow gets what it could
         print(f"warning: training finished and its outputs are written, but MLflow logging at the end failed "
