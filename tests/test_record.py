@@ -191,3 +191,18 @@ def test_bad_registered_model_names_are_rejected_naming_the_key(bad, message):
     assert message in str(e.value)
     raw["tracking"]["registered_model"] = ""  # off
     assert parse_params(raw).tracking.registered_model == ""
+
+
+def test_a_baseline_from_before_a_schema_change_still_gives_the_diff(tmp_path, monkeypatch):
+    for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    del raw["tracking"]["registered_model"]  # as committed before the key existed
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"],
+                ["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "old"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True)
+    params = load_params(REPO / "params.yaml").model_copy(update={"model": parse_params(
+        {**raw, "model": {**raw["model"], "width": 32}, "tracking": {**raw["tracking"], "registered_model": ""}}).model})
+    assert tracking.run_record(params).name == "course_cnn width=32"

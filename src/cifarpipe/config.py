@@ -189,13 +189,12 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
-def params_from_text(text: str, source: str) -> Params:
-    """Validate params.yaml's text, read the way `load_params` reads the file (e.g. from `git show`)."""
+def read_yaml_text(text: str, source: str) -> Any:
+    """params.yaml's text (e.g. from `git show`) read the way `load_params` reads the file."""
     try:
-        raw = yaml.load(text, Loader=_Yaml12Loader)
+        return yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as e:
         raise UserError(f"{source}: not valid YAML: {e}") from None
-    return parse_params(raw, source)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -39,7 +39,7 @@ from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_MODEL_VERSI
                                       MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER)
 
 from cifarpipe import atomic
-from cifarpipe.config import Params, UserError, flatten, params_from_text
+from cifarpipe.config import Params, UserError, flatten, read_yaml_text
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
                  "images_per_second")
@@ -139,14 +139,26 @@ def dvc_experiment() -> tuple[str | None, str | None]:
 
 
 def baseline_params(ref: str = "HEAD", path: str = "params.yaml") -> dict[str, Any] | None:
-    """params.yaml as committed at `ref`, flattened; None when git or the file can't give it.
-    Under `dvc exp run` (workspace or queued) HEAD is the experiment's baseline commit."""
+    """params.yaml as committed at `ref`, flattened to dotted keys; None when git can't give it.
+    Under `dvc exp run` (workspace or queued) HEAD is the experiment's baseline commit. Not
+    validated: a commit from before a schema change still gives the keys both versions have."""
     try:
         text = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True, check=True,
                               timeout=30).stdout
-        return flatten(params_from_text(text, f"{ref}:{path}"))
+        raw = read_yaml_text(text, f"{ref}:{path}")
     except (OSError, subprocess.SubprocessError, UserError):
-        return None  # no git, no commit, or an older schema: no diff rather than a wrong one
+        return None  # no git, no commit: no diff rather than a wrong one
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = value
+
+    walk("", raw)
+    return out
 
 
 def changed_params(flat: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
