@@ -88,7 +88,8 @@ def main() -> int:
     # ---- MLflow: train's pending items first (same run, in order), then this evaluation
     run_id = args.run_id.read_text().strip()
     journal.add_evaluation(run_id, flatten(params), {"test_loss": result.loss, "test_accuracy": result.accuracy},
-                           [args.metrics, args.per_class, args.confusion_png, args.mistakes_png])
+                           [args.metrics, args.per_class, args.confusion_png, args.mistakes_png],
+                           n_test=len(arrays.test_labels))
     left = tracking.deliver(tracking.client(), journal, log=lambda msg: None)
     if left:
         error = next(iter(journal.errors.values()), "")

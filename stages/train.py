@@ -153,8 +153,9 @@ def main() -> int:
             tracking.mark_abandoned(client, orphan_id, "interrupted; another training ran in its workspace "
                                                        "(it resumes from its checkpoint if its params return)", journal)
 
+    record = tracking.run_record(params)  # run name, DVC experiment, source/user tags, how to reproduce
     tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id, journal=journal,
-                                     create_tags={**workspace, "fingerprint": fingerprint})
+                                     create_tags={**workspace, "fingerprint": fingerprint}, run_name=record.name)
     if run_id and tracker.run_id != run_id:  # e.g. `mlflow run .` continues a killed job
         tracking.mark_abandoned(client, run_id, f"continued in run {tracker.run_id}", journal)
     atomic.write_text(args.run_id, tracker.run_id + "\n")
@@ -165,7 +166,14 @@ def main() -> int:
                 "data_md5": params.data.md5, "split_hash": split_hash, "fingerprint": fingerprint,
                 "deterministic": str(p.deterministic).lower()}
         tracker.log_start(flat, tags, tracking.requirements_text())
+        tracking.log_record(client, tracker.run_id, record)
         tracker.queue_history(history)  # a resumed job in a new run (the old one was deleted): all epochs
+    tracking.log_datasets(client, tracker.run_id, [
+        tracking.dataset_input(part, params.data.url, params.data.md5, n, split_hash)
+        for part, n in (("training", len(train_y)), ("validation", len(val_y)))])
+    if params.tracking.system_metrics:
+        tracker.system_metrics = tracking.SystemMetrics.start(client, tracker.run_id,
+                                                              resume=bool(resume) and tracker.run_id == run_id)
     tb_dir = (tracking.tensorboard_dir(args.tensorboard_dir, client, tracker.run_id)
               if params.tracking.tensorboard else None)
     print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} of "
@@ -265,6 +273,8 @@ def main() -> int:
     tensorboard = [(tb_dir / tracking.TENSORBOARD_FILE, f"tensorboard/{tb_dir.name}")] if tb_dir else []
     model_uri = finish_run(tracker, checkpoints=[last_path, best_path], history=args.history, weights=args.weights,
                            example=model_example(val_x, val_y, mean, std), extra_artifacts=tensorboard)
+    if params.tracking.registered_model and model_uri.startswith(("models:/", "runs:/")):
+        tracking.register_model_version(client, params.tracking.registered_model, tracker.run_id, model_uri)
     print(f"done: best val accuracy {best_acc:.4f}; weights {args.weights}; model {model_uri}")
     return 0
 

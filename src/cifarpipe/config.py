@@ -120,10 +120,32 @@ class EvaluateParams(_Strict):
     tta_flip: bool  # average the logits of each image and its mirror
 
 
+# A registered model's name becomes part of `models:/<name>/<version>` URIs and, in a file
+# store, a folder name: MLflow rejects "/" and ":" (any store), "\\" and "%" (file store), names
+# that normalize to another path (".", ".."), and more than 256 characters (SQL column).
+_MODEL_NAME_FORBIDDEN = set("/:\\%")
+
+
 class TrackingParams(_Strict):
     experiment: str = Field(min_length=1)
     # Also write the per-epoch scalars as TensorBoard event files, outputs/tensorboard/<run>/.
     tensorboard: bool = False
+    system_metrics: bool  # MLflow's CPU, memory, disk (and GPU) metrics of the training run
+    registered_model: str  # each finished run registers a version of this model; "" = off
+
+    @field_validator("registered_model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        if not v:
+            return v
+        bad = sorted(_MODEL_NAME_FORBIDDEN & set(v))
+        if bad:
+            raise ValueError(f"a registered model name cannot contain {' '.join(repr(c) for c in bad)}")
+        if not v.strip() or v.strip(".") == "" or v.startswith(".."):
+            raise ValueError("not a usable registered model name (blank, or a path such as '..')")
+        if len(v) > 256:
+            raise ValueError("at most 256 characters")
+        return v
 
 
 class Params(_Strict):
@@ -168,6 +190,14 @@ _Yaml12Loader.add_implicit_resolver(
                r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
     list("-+0123456789."),
 )
+
+
+def read_yaml_text(text: str, source: str) -> Any:
+    """params.yaml's text (e.g. from `git show`) read the way `load_params` reads the file."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as e:
+        raise UserError(f"{source}: not valid YAML: {e}") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
