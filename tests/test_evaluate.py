@@ -121,6 +121,12 @@ def test_other_evaluate_params_never_write_into_the_training_run(project):
     # Back to the training's params: evaluate reruns into the training run; the same values are not
     # logged twice and no third run appears.
     set_params(project, **{"evaluate.tta_flip": False})
-    run(["dvc", "repro"], project)
+    assert "Running stage 'evaluate'" in run(["dvc", "repro"], project).stdout  # else the checks below prove nothing
     assert len(all_runs(project)) == 2
     assert client.get_metric_history(train.info.run_id, "test_accuracy") == before
+
+    # The flipped evaluation again: it goes into its existing nested run, not a third one, once.
+    set_params(project, **{"evaluate.tta_flip": True})
+    assert "Running stage 'evaluate'" in run(["dvc", "repro"], project).stdout
+    assert [r.info.run_id for r in all_runs(project)] == [train.info.run_id, evaluation.info.run_id]
+    assert [m.value for m in client.get_metric_history(evaluation.info.run_id, "test_accuracy")] == [tta["accuracy"]]

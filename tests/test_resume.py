@@ -217,3 +217,14 @@ def test_an_unreachable_store_stops_training_before_it_starts(baseline, tmp_path
     assert f"the MLflow tracking store {uri} is unreachable" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (project / "outputs/checkpoints").exists()
+
+
+def test_every_epoch_trains_on_full_batches_only(baseline):
+    # drop_last: 425 training images in batches of 32 are 13 full batches, 416 images; the 9 left
+    # over never make a short step. train_accuracy is correct / images seen, so accuracy * 416 is a
+    # whole number of images for every epoch; with 425 seen it would be (gcd(416, 425) = 1) only at 0 or 1.
+    _, done = baseline
+    accuracy = pd.read_csv(done / "outputs/history.csv")["train_accuracy"]
+    assert ((accuracy > 0) & (accuracy < 1)).all()
+    correct = accuracy * 416
+    assert (correct - correct.round()).abs().max() < 1e-6, correct.tolist()

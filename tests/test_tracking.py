@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import threading
 
 import pytest
 import torch
@@ -129,9 +130,11 @@ def test_a_chunk_that_landed_is_never_sent_again(tracker):
 def test_while_the_store_is_down_flushes_do_not_pile_up(tracker):
     t, flaky, _ = tracker
     flaky.down = True
-    t._pool.submit(lambda: __import__("time").sleep(0.3))  # keep the logging thread busy
+    busy = threading.Event()  # the logging thread waits on it: no sleep, whatever the machine's speed
+    t._pool.submit(busy.wait)
     for e in range(1, 6):
         t.queue_history([row(e)])
+    busy.set()
     t._pool.submit(lambda: None).result()
     assert flaky.calls == 1  # one flush carried all five epochs
     flaky.down = False
@@ -144,10 +147,12 @@ def test_a_checkpoint_queued_again_before_its_upload_ran_is_uploaded_once_in_its
     flaky.log_artifact = lambda run_id, path, artifact_path=None: (
         uploads.append(path), real.log_artifact(run_id, path, artifact_path))
     ckpt = tmp_path / "last.pt"
-    t._pool.submit(lambda: __import__("time").sleep(0.3))  # keep the logging thread busy for 5 epochs
+    busy = threading.Event()  # keeps the logging thread busy for 5 epochs: no sleep, no race
+    t._pool.submit(busy.wait)
     for e in range(1, 6):
         ckpt.write_text(f"epoch {e}")
         t.log_artifact(ckpt, "checkpoints", background=True)
+    busy.set()
     t._pool.submit(lambda: None).result()
     assert uploads == [str(ckpt)]
     logged = real.download_artifacts(t.run_id, "checkpoints/last.pt", str(tmp_path / "down"))
