@@ -100,7 +100,7 @@ def test_training_survives_a_store_outage_and_every_epoch_lands(project, mlflow_
     assert proxy.refused == 2  # epoch 2's batch and epoch 3's (which carried epoch 2 again) were refused
     assert "training goes on" in proc.stderr
     assert "epoch   3/3" in proc.stdout
-    assert torch.load(project / "outputs/checkpoints/last.pt", weights_only=True)["complete"]
+    assert torch.load(last_pt(project), weights_only=True)["complete"]
 
     client = MlflowClient(mlflow_server)
     run_id = (project / "outputs/run_id.txt").read_text().strip()
@@ -152,6 +152,12 @@ class _RuleHandler(_ProxyHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
 
+def last_pt(project: Path) -> Path:
+    """The one job's last checkpoint: outputs/checkpoints/<fingerprint>/last.pt."""
+    [folder] = [d for d in (project / "outputs/checkpoints").iterdir() if d.is_dir()]
+    return folder / "last.pt"
+
+
 def all_runs(client: MlflowClient):
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
@@ -166,7 +172,7 @@ def test_an_outage_while_resuming_stops_before_training_and_never_splits_the_run
                      check=False)
         assert killed.returncode == -9
         [first] = all_runs(client)
-        ckpt_before = (project / "outputs/checkpoints/last.pt").read_bytes()
+        ckpt_before = last_pt(project).read_bytes()
 
         down["on"] = True  # the store answers, but not about runs: a 5xx, as from a server restarting
         proc = run(stage_cmd(project, "train"), project, env=proxy.env, check=False)
@@ -178,7 +184,7 @@ def test_an_outage_while_resuming_stops_before_training_and_never_splits_the_run
         assert [r.info.run_id for r in all_runs(client)] == [first.info.run_id]  # no new run
         assert client.get_run(first.info.run_id).info.status == "RUNNING"  # not marked KILLED
         assert "abandoned" not in client.get_run(first.info.run_id).data.tags
-        assert (project / "outputs/checkpoints/last.pt").read_bytes() == ckpt_before
+        assert last_pt(project).read_bytes() == ckpt_before
 
         down["on"] = False  # back: the same run continues and finishes
         run(stage_cmd(project, "train"), project, env=proxy.env)
@@ -206,7 +212,7 @@ def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project,
     assert "training finished and its outputs are written" in failed.stderr
     lock = (project / "dvc.lock").read_text()
     assert "  train:" in lock and "  evaluate:" not in lock
-    assert torch.load(project / "outputs/checkpoints/last.pt", weights_only=True)["complete"]
+    assert torch.load(last_pt(project), weights_only=True)["complete"]
     assert (project / "outputs/model.pt").exists() and (project / "outputs/history.csv").exists()
     # evaluate wrote its outputs, then failed with one clear line (exit 3) so DVC reruns it
     metrics = json.loads((project / "outputs/metrics.json").read_text())
