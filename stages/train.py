@@ -138,6 +138,9 @@ def main() -> int:
     workspace = tracking.workspace_tags()
     try:
         orphans = tracking.running_runs(client, params.tracking.experiment, workspace["workspace_key"])
+        unstarted = {o.info.run_id for o in orphans  # killed before the first checkpoint: continued below
+                     if run_id is None and not resume and o.data.tags.get("fingerprint") == fingerprint
+                     and not tracking.has_epoch_metrics(client, o.info.run_id)}
     except Exception as e:
         raise UserError(f"the MLflow store {tracking.tracking_uri()} did not answer a search ({type(e).__name__}); "
                         "nothing was trained and no run was changed: run again when it answers") from None
@@ -145,8 +148,7 @@ def main() -> int:
         orphan_id = orphan.info.run_id
         if orphan_id in (run_id, mlflow_project_run):
             continue
-        if (run_id is None and not resume and orphan.data.tags.get("fingerprint") == fingerprint
-                and not tracking.has_epoch_metrics(client, orphan_id)):
+        if run_id is None and orphan_id in unstarted:
             run_id = orphan_id
             print(f"continuing MLflow run {run_id}: its training was killed before the first checkpoint")
         else:
@@ -159,15 +161,20 @@ def main() -> int:
     if run_id and tracker.run_id != run_id:  # e.g. `mlflow run .` continues a killed job
         tracking.mark_abandoned(client, run_id, f"continued in run {tracker.run_id}", journal)
     atomic.write_text(args.run_id, tracker.run_id + "\n")
-    if resume and tracker.run_id == run_id:
-        tracker.queue_history(history, skip=tracker.logged_steps())  # fill what the killed process never sent
-    else:
-        tags = {**tracking.git_state(), **tracking.environment_tags(engine.device_name(device)), **workspace,
-                "data_md5": params.data.md5, "split_hash": split_hash, "fingerprint": fingerprint,
-                "deterministic": str(p.deterministic).lower()}
-        tracker.log_start(flat, tags, tracking.requirements_text())
-        tracking.log_record(client, tracker.run_id, record)
-        tracker.queue_history(history)  # a resumed job in a new run (the old one was deleted): all epochs
+    try:
+        if resume and tracker.run_id == run_id:
+            tracker.queue_history(history, skip=tracker.logged_steps())  # fill what the killed process never sent
+        else:
+            tags = {**tracking.git_state(), **tracking.environment_tags(engine.device_name(device)), **workspace,
+                    "data_md5": params.data.md5, "split_hash": split_hash, "fingerprint": fingerprint,
+                    "deterministic": str(p.deterministic).lower()}
+            tracker.log_start(flat, tags, tracking.requirements_text())
+            tracking.log_record(client, tracker.run_id, record)
+            tracker.queue_history(history)  # a resumed job in a new run (the old one was deleted): all epochs
+    except Exception as e:  # the run stays RUNNING: the next attempt continues it (checkpoint or orphan scan)
+        raise UserError(f"the MLflow store {tracking.tracking_uri()} failed while run {tracker.run_id} was being "
+                        f"set up ({type(e).__name__}); nothing was trained: run again when it answers, the same "
+                        "run continues") from None
     tracking.log_datasets(client, tracker.run_id, [
         tracking.dataset_input(part, params.data.url, params.data.md5, n, split_hash)
         for part, n in (("training", len(train_y)), ("validation", len(val_y)))])

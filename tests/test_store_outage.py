@@ -162,6 +162,12 @@ class _RuleHandler(_ProxyHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
 
+def last_pt(project: Path) -> Path:
+    """The one job's last checkpoint: outputs/checkpoints/<fingerprint>/last.pt."""
+    [folder] = [d for d in (project / "outputs/checkpoints").iterdir() if d.is_dir()]
+    return folder / "last.pt"
+
+
 def all_runs(client: MlflowClient):
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
@@ -248,3 +254,29 @@ def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project,
     models = client.search_logged_models([r.info.experiment_id])
     assert [(m.name, m.source_run_id, m.status.name) for m in models] == [("model", run_id, "READY")]
     assert run(["dvc", "status"], project).stdout.strip().endswith("up to date.")
+
+
+@pytest.mark.parametrize("fault, refused", [
+    ("step:2:3", "/metrics/get-history"),  # resuming: reading what the run already has
+    ("step:1:3", "/runs/get"),  # killed before the first checkpoint: looking at the orphan run
+])
+def test_a_store_error_while_setting_up_the_run_is_a_clear_error_and_the_run_continues(project, mlflow_server,
+                                                                                       fault, refused):
+    set_params(project, **{"train.epochs": 2})
+    run(["dvc", "repro", "split"], project)
+    client = MlflowClient(mlflow_server)
+    down = {"on": False}
+    with RuleProxy(mlflow_server, lambda method, path, body: down["on"] and refused in path) as proxy:
+        run(stage_cmd(project, "train"), project, env={**proxy.env, "CIFARPIPE_FAULT": fault}, check=False)
+        [first] = all_runs(client)
+        down["on"] = True
+        proc = run(stage_cmd(project, "train"), project, env=proxy.env, check=False)
+        assert proxy.refused_calls
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proxy.env["MLFLOW_TRACKING_URI"] in proc.stderr and "epoch   2/2" not in proc.stdout
+        assert [(r.info.run_id, r.info.status) for r in all_runs(client)] == [(first.info.run_id, "RUNNING")]
+        down["on"] = False
+        run(stage_cmd(project, "train"), project, env=proxy.env)
+    [r] = all_runs(client)
+    assert r.info.run_id == first.info.run_id and r.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy")] == [1, 2]
