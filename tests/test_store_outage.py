@@ -162,12 +162,6 @@ class _RuleHandler(_ProxyHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
 
-def last_pt(project: Path) -> Path:
-    """The one job's last checkpoint: outputs/checkpoints/<fingerprint>/last.pt."""
-    [folder] = [d for d in (project / "outputs/checkpoints").iterdir() if d.is_dir()]
-    return folder / "last.pt"
-
-
 def all_runs(client: MlflowClient):
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
