@@ -528,8 +528,8 @@ class Tracker:
                     log(f"MLflow run {run_id} ({why}) was deleted; starting a new run")
                     continue
                 client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-                if journal is not None:  # a journaled KILLED/FAILED of an earlier attempt is obsolete now
-                    journal.remove(lambda it: it["run_id"] == run_id and it["kind"] == "status")
+                if journal is not None:  # a journaled KILLED/FAILED or abandon of an earlier attempt is obsolete now
+                    journal.remove(lambda it: it["run_id"] == run_id and it["kind"] in ("status", "abandon"))
                 return cls(client, run_id, journal)
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
@@ -787,8 +787,11 @@ class Pending:
     after every change, removed once empty. Each item names its run ("run_id") and its "kind":
     metrics, artifact, model, status, abandon or evaluation (see deliver)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, store: str | None = None) -> None:
         self.path = Path(path)
+        # The store the items belong to, stamped on each: a later delivery to another store (a shell
+        # without MLFLOW_TRACKING_URI, say) would hear "no such run" and must not drop them for that.
+        self.store = store
         self.errors: dict[str, str] = {}  # run id -> the error that stopped its last delivery
         try:
             self.items: list[dict[str, Any]] = json.loads(self.path.read_text())["items"]
@@ -807,6 +810,8 @@ class Pending:
     def add(self, item: dict[str, Any]) -> None:
         if item["kind"] == "status":  # a run's status is set once, after everything else of the run
             self.items = [it for it in self.items if not (it["run_id"] == item["run_id"] and it["kind"] == "status")]
+        if self.store:
+            item = {**item, "store": self.store}
         self.items.append(item)
         self.save()
 
@@ -852,14 +857,21 @@ def deliver(client: MlflowClient, journal: Pending, runs: set[str] | None = None
     anything else (an outage) keeps it for the next delivery. Every step is idempotent.
     """
     journal.errors = {}
+    store, dropped = _uri(client), set()
+    elsewhere = [it for it in journal.items if it.get("store", store) != store]
+    if elsewhere:
+        log(f"warning: {len(elsewhere)} pending item(s) in {journal.path} belong to the MLflow store "
+            f"{elsewhere[0]['store']}, not {store}; kept for a delivery to that store")
     for item in list(journal.items):
         run_id = item["run_id"]
-        if (runs is not None and run_id not in runs) or run_id in journal.errors:
+        if ((runs is not None and run_id not in runs) or run_id in journal.errors or run_id in dropped
+                or item.get("store", store) != store):
             continue
         try:
             _deliver_one(client, item)
         except Exception as e:
             if is_not_found(e):
+                dropped.add(run_id)
                 print(f"warning: MLflow run {run_id} is not in {_uri(client)} any more; dropping what was pending "
                       f"for it ({item['kind']} ...)", file=sys.stderr)
                 journal.remove(lambda it: it["run_id"] == run_id)
@@ -871,10 +883,11 @@ def deliver(client: MlflowClient, journal: Pending, runs: set[str] | None = None
                 journal.errors[run_id] = _short(e)
             continue
         journal.remove(lambda it: it is item)
+    left = sum(1 for it in journal.items if it.get("store", store) == store)
     if journal.errors:
-        log(f"warning: MLflow store {_uri(client)} did not take {len(journal.items)} pending item(s) "
+        log(f"warning: MLflow store {store} did not take {left} pending item(s) "
             f"({next(iter(journal.errors.values()))}); they are kept in {journal.path}")
-    return len(journal.items)
+    return left
 
 
 def _deliver_one(client: MlflowClient, item: dict[str, Any]) -> None:
