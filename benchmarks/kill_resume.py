@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--archive", type=Path, required=True)
     ap.add_argument("--md5", required=True)
     ap.add_argument("--set", action="append", default=[], help="extra KEY=VALUE params for both clones")
-    ap.add_argument("--seed", type=int, default=0, help="for the random kill delays")
+    ap.add_argument("--seed", type=int, default=0, help="for the random kill delay")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -91,15 +91,20 @@ def main() -> None:
         killed = clone(Path(tmp) / "killed", overrides)
         sh(["dvc", "repro", "split"], killed)
         log = []
-        plan = [("fault", "step:1:100"), ("outside", None), ("fault", "validation:3"),
-                ("fault", f"checkpoint_write:{max(epochs // 2, 1)}"), ("outside", None),
-                ("fault", f"after_checkpoint:{epochs}"), ("fault", f"finish:{epochs}"), ("fault", "evaluate:0")]
+        # In the order training reaches them (a kill that was not reached is reported as such):
+        # epoch 1 before any checkpoint, twice (the second while its checkpoint is half written),
+        # validation, a kill -9 from outside at a random moment, then after the last epoch's
+        # checkpoint, after the final outputs, and during evaluate.
+        plan = [("fault", "step:1:100"), ("fault", "checkpoint_write:1"), ("fault", f"validation:{min(2, epochs)}"),
+                ("outside", None), ("fault", f"after_checkpoint:{epochs}"), ("fault", f"finish:{epochs}"),
+                ("fault", "evaluate:0")]
         for kind, what in plan:
             if kind == "fault":
                 proc = sh(["dvc", "repro"], killed, env={"CIFARPIPE_FAULT": what}, check=False)
-                log.append(f"fault {what}: exit {proc.returncode}")
+                landed = "killed" if proc.returncode else "not reached (the repro finished)"
+                log.append(f"fault {what}: exit {proc.returncode}, {landed}")
             else:
-                log.append(kill_from_outside(killed, rng.uniform(5, ref_seconds * 0.6)))
+                log.append(kill_from_outside(killed, rng.uniform(5, ref_seconds * 0.3)))
             print(log[-1], flush=True)
         final = sh(["dvc", "repro"], killed)
         log.append("final dvc repro: " + final.stdout.strip().splitlines()[-1])
