@@ -12,6 +12,7 @@ weights, the same test metrics.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -54,12 +56,19 @@ def kill_from_outside(project: Path, delay_s: float) -> str:
     proc = subprocess.Popen(["dvc", "repro"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(project / "src")})
     time.sleep(delay_s)
-    stage = subprocess.run(["pgrep", "-f", "-n", f"python stages/(train|evaluate).py"], capture_output=True, text=True)
-    victim = stage.stdout.strip()
-    if victim:
-        os.kill(int(victim), signal.SIGKILL)
+    # Only a stage this `dvc repro` started: other pipelines on the machine are none of our business.
+    stages = {}
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            script = next((part for part in p.cmdline() if part.startswith("stages/")), None)
+            if script:
+                stages[script] = p
+    for victim in stages.values():
+        victim.send_signal(signal.SIGKILL)
     out = proc.communicate()[0]
-    return f"kill -9 after {delay_s:.0f} s: " + (out.strip().splitlines() or ["(no output)"])[-1] if victim else "finished first"
+    if not stages:
+        return f"kill -9 after {delay_s:.0f} s: not reached (the repro had finished)"
+    return f"kill -9 after {delay_s:.0f} s of {', '.join(stages)}: " + (out.strip().splitlines() or [""])[-1]
 
 
 def state(project: Path) -> dict:

@@ -43,7 +43,7 @@ def main() -> int:
     args = ap.parse_args()
     params = load_params(args.params)
     device = engine.pick_device(params.train.device)
-    journal = tracking.Pending(tracking.journal_path(args.run_id), store=tracking.tracking_uri())
+    journal = tracking.Pending(tracking.journal_path(args.run_id))
 
     arrays = data.load_arrays(args.data)
     try:

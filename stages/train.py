@@ -82,7 +82,7 @@ def main() -> int:
         print(f"{last_path}: this training finished in MLflow run {resume['mlflow_run_id']}; "
               f"`mlflow run` created run {mlflow_project_run} for a new one, so it trains again")
         resume = None
-    journal = tracking.Pending(tracking.journal_path(args.run_id), store=tracking.tracking_uri())  # not taken yet
+    journal = tracking.Pending(tracking.journal_path(args.run_id))  # what the store did not take yet
 
     # ---- model, optimizer, scheduler (the course's recipe; values from params.yaml)
     setup = engine.build_training(params.model, p, device)

@@ -184,15 +184,3 @@ def test_the_model_is_logged_once_however_often_it_is_delivered(tmp_path, monkey
     assert [(m.name, m.status.name) for m in client.search_logged_models([exp_id])] == [("model", "READY")]
     t.finish()
 
-
-def test_pending_items_of_another_store_are_kept_not_dropped(tmp_path):
-    from cifarpipe.tracking import Pending, deliver
-
-    a, b = (MlflowClient(f"sqlite:///{tmp_path / name}") for name in ("a.db", "b.db"))
-    run_id = a.create_run(a.create_experiment("x")).info.run_id
-    journal = Pending(tmp_path / "pending.json", store=f"sqlite:///{tmp_path / 'a.db'}")
-    journal.add({"run_id": run_id, "kind": "status", "status": "FINISHED"})
-    assert deliver(b, journal, log=lambda msg: None) == 0  # nothing of b's pending ...
-    assert len(Pending(tmp_path / "pending.json").items) == 1  # ... and a's item kept, not dropped as "no such run"
-    assert deliver(a, journal) == 0 and not (tmp_path / "pending.json").exists()
-    assert a.get_run(run_id).info.status == "FINISHED"

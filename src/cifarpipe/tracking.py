@@ -787,11 +787,8 @@ class Pending:
     after every change, removed once empty. Each item names its run ("run_id") and its "kind":
     metrics, artifact, model, status, abandon or evaluation (see deliver)."""
 
-    def __init__(self, path: Path, store: str | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        # The store the items belong to, stamped on each: a later delivery to another store (a shell
-        # without MLFLOW_TRACKING_URI, say) would hear "no such run" and must not drop them for that.
-        self.store = store
         self.errors: dict[str, str] = {}  # run id -> the error that stopped its last delivery
         try:
             self.items: list[dict[str, Any]] = json.loads(self.path.read_text())["items"]
@@ -810,8 +807,6 @@ class Pending:
     def add(self, item: dict[str, Any]) -> None:
         if item["kind"] == "status":  # a run's status is set once, after everything else of the run
             self.items = [it for it in self.items if not (it["run_id"] == item["run_id"] and it["kind"] == "status")]
-        if self.store:
-            item = {**item, "store": self.store}
         self.items.append(item)
         self.save()
 
@@ -858,14 +853,9 @@ def deliver(client: MlflowClient, journal: Pending, runs: set[str] | None = None
     """
     journal.errors = {}
     store, dropped = _uri(client), set()
-    elsewhere = [it for it in journal.items if it.get("store", store) != store]
-    if elsewhere:
-        log(f"warning: {len(elsewhere)} pending item(s) in {journal.path} belong to the MLflow store "
-            f"{elsewhere[0]['store']}, not {store}; kept for a delivery to that store")
     for item in list(journal.items):
         run_id = item["run_id"]
-        if ((runs is not None and run_id not in runs) or run_id in journal.errors or run_id in dropped
-                or item.get("store", store) != store):
+        if (runs is not None and run_id not in runs) or run_id in journal.errors or run_id in dropped:
             continue
         try:
             _deliver_one(client, item)
@@ -883,11 +873,10 @@ def deliver(client: MlflowClient, journal: Pending, runs: set[str] | None = None
                 journal.errors[run_id] = _short(e)
             continue
         journal.remove(lambda it: it is item)
-    left = sum(1 for it in journal.items if it.get("store", store) == store)
     if journal.errors:
-        log(f"warning: MLflow store {store} did not take {left} pending item(s) "
+        log(f"warning: MLflow store {store} did not take {len(journal.items)} pending item(s) "
             f"({next(iter(journal.errors.values()))}); they are kept in {journal.path}")
-    return left
+    return len(journal.items)
 
 
 def _deliver_one(client: MlflowClient, item: dict[str, Any]) -> None:
