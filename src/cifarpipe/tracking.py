@@ -392,6 +392,7 @@ class SystemMetrics:
 
     def __init__(self, monitor) -> None:
         self._monitor = monitor
+        self._first_step = monitor._logging_step
 
     @classmethod
     def start(cls, client: MlflowClient, run_id: str, resume: bool) -> "SystemMetrics | None":
@@ -409,7 +410,18 @@ class SystemMetrics:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Flush the last samples; never wait more than `timeout_s` (a store that hangs)."""
-        worker = threading.Thread(target=self._monitor.finish, daemon=True, name="system-metrics-stop")
+        def finish() -> None:
+            m = self._monitor
+            m.finish()  # stops MLflow's thread and flushes what it recorded
+            if m._logging_step == self._first_step:
+                # Its thread published nothing: the run was shorter than one interval, or it gave
+                # up on one failed status look-up (a busy SQLite store). One sample, so a run with
+                # system metrics on always has them.
+                m.collect_metrics()
+                m.publish_metrics(m.aggregate_metrics())
+                m.mlflow_logger.flush()
+
+        worker = threading.Thread(target=finish, daemon=True, name="system-metrics-stop")
         worker.start()
         worker.join(timeout_s)
 
