@@ -654,10 +654,6 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
     def log_model(self, model, input_example, code_dir: Path) -> str:
         """The final model with signature and input example; `code_dir` ships the model's classes."""
         import torch
