@@ -15,7 +15,7 @@ accuracy (its test accuracy is reported beside it), and `--sweep` picks the fast
 candidates on their final validation accuracy, without evaluating them on the test set at all. Validation and the
 per-epoch checkpoint are part of training time (the scheduler needs the one, resuming the other);
 the per-epoch test evaluation is not. `--target` adds a second accuracy to time, e.g. the one
-airbench94 reached on the same card and data (benchmarks/gpu_bench.sh passes it).
+airbench94 reached on the same card and data (benchmarks/gpu_run.sh passes it).
 
   python benchmarks/bench.py --archive data/raw/cifar-10-python.tar.gz --resnet-seconds 60 \
       --out benchmarks/results/cpu.json
