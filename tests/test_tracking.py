@@ -184,3 +184,46 @@ def test_the_model_is_logged_once_however_often_it_is_delivered(tmp_path, monkey
     assert [(m.name, m.status.name) for m in client.search_logged_models([exp_id])] == [("model", "READY")]
     t.finish()
 
+
+
+def test_a_model_logged_on_a_gpu_machine_validates_and_loads_there(tmp_path, monkeypatch):
+    """On the H200 every logged model got MLflow's "Failed to validate serving input example ... it
+    can't be loaded on 'cuda' device": MLflow's pyfunc loads on CUDA whenever a GPU is present, and
+    the exported program's weights are on the CPU. A CPU can play that machine: MLflow only asks
+    torch.cuda.is_available() and compares the weights' device type."""
+    import logging
+
+    import mlflow
+
+    from cifarpipe.config import ModelParams
+    from cifarpipe.models import build_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    warnings = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger("mlflow").addHandler(handler)
+    try:
+        t = Tracker.start(MlflowClient(uri), "test", None, journal=Pending(tmp_path / "pending.json"))
+        torch.manual_seed(0)
+        model = build_model(ModelParams(name="course_cnn", width=64))
+        example = torch.randn(2, 3, 32, 32).numpy()
+        model_uri = t.log_model(model, example, tmp_path)
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
+    assert not [w for w in warnings if "validate serving input example" in w], warnings
+    assert "MLFLOW_DEFAULT_PREDICTION_DEVICE" not in __import__("os").environ  # scoped to the logging
+    # What a user on a GPU machine types (README): the CPU-saved model, predicted on the CPU.
+    loaded = mlflow.pyfunc.load_model(model_uri, model_config={"device": "cpu"})
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(example)).numpy()
+    assert abs(loaded.predict(example) - expected).max() < 1e-5
+    t.finish()

@@ -96,10 +96,10 @@ def client() -> MlflowClient:
 
 
 @contextlib.contextmanager
-def _fail_fast_http():
-    """For the reachability check: one try, 10 s, instead of MLflow's default 7 retries with backoff."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+def _environ(**values: str):
+    """Set environment variables for a block (MLflow reads several settings only from the environment)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -108,6 +108,11 @@ def _fail_fast_http():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _fail_fast_http():
+    """For the reachability check: one try, 10 s, instead of MLflow's default 7 retries with backoff."""
+    return _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
 
 
 def connect() -> MlflowClient:
@@ -666,7 +671,14 @@ class Tracker:
         signature = infer_signature(input_example, output)
         # start_run's exit marks the run FINISHED: deliver() logs the model only once everything
         # journaled before it for this run has landed, and the status item follows it.
-        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+        # MLflow checks the serving example by loading the model as pyfunc, which picks CUDA whenever a
+        # GPU is present and refuses an exported program whose weights are on the CPU ("it can't be
+        # loaded on 'cuda' device": every model logged on an H200 got that warning). The weights are
+        # saved on the CPU so that the model loads anywhere; its check runs there too, unless the
+        # user chose a device for MLflow's predictions.
+        device = os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE") or "cpu"
+        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False), \
+                _environ(MLFLOW_DEFAULT_PREDICTION_DEVICE=device):
             info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example,
                                             code_paths=[str(code_dir)],
                                             pip_requirements=[f"torch=={importlib.metadata.version('torch')}", "numpy"])
