@@ -206,3 +206,10 @@ def test_a_baseline_from_before_a_schema_change_still_gives_the_diff(tmp_path, m
     params = load_params(REPO / "params.yaml").model_copy(update={"model": parse_params(
         {**raw, "model": {**raw["model"], "width": 32}, "tracking": {**raw["tracking"], "registered_model": ""}}).model})
     assert tracking.run_record(params).name == "course_cnn width=32"
+
+
+def test_outside_git_the_description_gives_no_git_commands():
+    """Seen on the GPU machine (no git there): 'git checkout unknown' is no way to reproduce a run."""
+    note = tracking.reproduce_note("unknown", None, {"train.epochs": 3}, [])
+    assert "git checkout" not in note and "outside a git checkout" in note
+    assert "git checkout abc123" in tracking.reproduce_note("abc123", None, {}, [])

@@ -287,6 +287,10 @@ def reproduce_note(commit: str, experiment: str | None, changed: dict[str, Any],
     """The run's description (Markdown): the commands that reproduce it."""
     sets = " ".join(f"-S {shlex.quote(f'{k}={_value_text(v)}')}" for k, v in changed.items())
     lines = []
+    if commit == "unknown":  # no git where it ran (a copied folder, a GPU machine without git)
+        return ("Trained outside a git checkout, so no commit records its code. To reproduce it, write this "
+                "run's params (Parameters below) into params.yaml of the project at the same code and run "
+                "`dvc repro`.\n")
     if experiment:
         lines += [f"DVC experiment **{experiment}**, baseline commit `{commit[:12]}`. Reproduce it:", "",
                   "```", f"git checkout {commit}", f"dvc exp run {sets}".rstrip(), "```", "",
