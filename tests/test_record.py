@@ -211,5 +211,5 @@ def test_a_baseline_from_before_a_schema_change_still_gives_the_diff(tmp_path, m
 def test_outside_git_the_description_gives_no_git_commands():
     """Seen on the GPU machine (no git there): 'git checkout unknown' is no way to reproduce a run."""
     note = tracking.reproduce_note("unknown", None, {"train.epochs": 3}, [])
-    assert "git checkout" not in note and "outside a git checkout" in note
+    assert "git checkout unknown" not in note and "outside a git checkout" in note
     assert "git checkout abc123" in tracking.reproduce_note("abc123", None, {}, [])
