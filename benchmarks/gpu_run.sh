@@ -3,13 +3,9 @@
 # 10 minutes a call): the pipeline's stages on CUDA with MLflow (benchmarks/cuda_pipeline.py) and
 # airbench94 beside our engine on the same card and data (benchmarks/bench.py).
 #
-# Prepare here (nothing of this is committed; .gpu/ is listed in .git/info/exclude):
-#   mkdir -p .gpu && cp ../shared/datasets/{cifar10_jpeg.npz,build_cifar10_archive.py} .gpu/
-#   git -C <airbench snapshot> show HEAD:legacy/airbench94.py > .gpu/airbench94.py      # github.com/KellerJordan/cifar10-airbench
-#   git -C <airbench snapshot> show HEAD:airbench94_muon.py > .gpu/airbench94_muon.py
-#   .gpu/site.tar.xz: the Python packages the GPU image lacks (mlflow and its store's needs, pydantic),
-#   unpacked from their cp312 manylinux wheels, mlflow/server/js (the UI, 27 MB) left out: see the note
-#   of issue 11 for the list and versions (those `.venv/bin/pip show` reports here).
+# Prepare here: `bash benchmarks/gpu_prepare.sh <airbench snapshot>` fills .gpu/ (git-ignored): the npz,
+# airbench's two scripts (github.com/KellerJordan/cifar10-airbench, fetched beside the repo, not part of
+# it) and site.tar.xz, the packages the GPU image lacks (mlflow with its SQLite store's needs, pydantic).
 # Run there (device tool), carry [".gpu"], two calls back to back (the second finds the first one's
 # setup on the warm machine, or redoes it on a fresh one):
 #   `BUDGET=480 bash benchmarks/gpu_run.sh pipeline`  airbench94, then the stages on CUDA (issue 11)
