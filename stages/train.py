@@ -76,7 +76,9 @@ def main() -> int:
     for stale in atomic.remove_stale_temporaries(job_dir):
         print(f"removed {stale.name}, left by an interrupted write")
     last_path, best_path = job_dir / "last.pt", job_dir / "best.pt"
-    resume = checkpoint.load_if_present(last_path)
+    resume, notes = checkpoint.resume_point(job_dir)  # an unreadable checkpoint is set aside, never a dead end
+    for note in notes:
+        print(note)
     mlflow_project_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run .` created for this job
     if resume and resume["complete"] and mlflow_project_run not in (None, resume["mlflow_run_id"]):
         print(f"{last_path}: this training finished in MLflow run {resume['mlflow_run_id']}; "
@@ -155,6 +157,9 @@ def main() -> int:
             tracking.mark_abandoned(client, orphan_id, "interrupted; another training ran in its workspace "
                                                        "(it resumes from its checkpoint if its params return)", journal)
 
+    # Epochs the run has already logged: resuming from best.pt (last.pt unreadable) retrains epochs
+    # the run logged before, and each epoch appears once in every curve.
+    already_logged: dict[str, set[int]] = {}
     record = tracking.run_record(params)  # run name, DVC experiment, source/user tags, how to reproduce
     tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id, journal=journal,
                                      create_tags={**workspace, "fingerprint": fingerprint}, run_name=record.name)
@@ -163,7 +168,8 @@ def main() -> int:
     atomic.write_text(args.run_id, tracker.run_id + "\n")
     try:
         if resume and tracker.run_id == run_id:
-            tracker.queue_history(history, skip=tracker.logged_steps())  # fill what the killed process never sent
+            already_logged = tracker.logged_steps()
+            tracker.queue_history(history, skip=already_logged)  # fill what the killed process never sent
         else:
             tags = {**tracking.git_state(), **tracking.environment_tags(engine.device_name(device)), **workspace,
                     "data_md5": params.data.md5, "split_hash": split_hash, "fingerprint": fingerprint,
@@ -244,7 +250,7 @@ def main() -> int:
             atomic.write_text(args.history, pd.DataFrame(history).to_csv(index=False))
             if tb_dir:  # rewritten from the whole history: a resumed job never writes an epoch twice
                 tracking.write_tensorboard(tb_dir, history)
-            tracker.queue_history([row])
+            tracker.queue_history([row], skip=already_logged)
             tracker.log_artifact(last_path, "checkpoints", background=True)
             if improved:
                 tracker.log_artifact(best_path, "checkpoints", background=True)

@@ -228,3 +228,40 @@ def test_every_epoch_trains_on_full_batches_only(baseline):
     assert ((accuracy > 0) & (accuracy < 1)).all()
     correct = accuracy * 416
     assert (correct - correct.round()).abs().max() < 1e-6, correct.tolist()
+
+
+def test_an_unreadable_last_checkpoint_is_set_aside_and_training_resumes_from_best(baseline, tmp_path):
+    """A truncated last.pt (a partial copy, a disk fault) must not block `dvc repro` forever: it is
+    kept under another name, and training resumes from best.pt, here an older one (epoch 1 of a
+    run that had logged epoch 2), so the retrained epoch 2 must not appear twice in MLflow."""
+    seed, done = baseline
+    project = fresh_copy(seed, tmp_path / "p")
+    run(stage_cmd(project, "train"), project, env={"CIFARPIPE_FAULT": "after_checkpoint:1"}, check=False)
+    epoch1 = tmp_path / "epoch1.pt"
+    shutil.copy(job_dir(project) / "last.pt", epoch1)
+    run(stage_cmd(project, "train"), project, env={"CIFARPIPE_FAULT": "after_checkpoint:2"}, check=False)
+    folder = job_dir(project)
+    _, runs = runs_of(project)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_accuracy")] == [1]
+    run(stage_cmd(project, "train"), project, env={"CIFARPIPE_FAULT": "after_checkpoint:3"}, check=False)
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_accuracy")) == [1, 2]
+    data = (folder / "last.pt").read_bytes()
+    (folder / "last.pt").write_bytes(data[: len(data) // 2])  # truncated
+    shutil.copy(epoch1, folder / "best.pt")  # the newest readable checkpoint is epoch 1's
+    resumed = run(["dvc", "repro"], project).stdout
+    aside = [p.name for p in folder.iterdir() if p.name.startswith("last.pt.unreadable-")]
+    assert len(aside) == 1 and "set aside as" in resumed and aside[0] in resumed, resumed
+    assert "not a readable checkpoint" in resumed and "resuming from" in resumed and "best.pt (epoch 1)" in resumed
+    assert_same_as_uninterrupted(project, done)
+
+
+def test_with_no_readable_checkpoint_left_training_starts_fresh(tmp_path):
+    from cifarpipe import checkpoint
+
+    (tmp_path / "last.pt").write_bytes(b"\x80garbage")
+    torch.save({"epoch": 1}, tmp_path / "best.pt")  # loads, but is no checkpoint of this pipeline
+    resume, notes = checkpoint.resume_point(tmp_path)
+    assert resume is None and "starts from the beginning" in notes[-1]
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["best.pt.unreadable", "last.pt.unreadable"]
+    assert checkpoint.resume_point(tmp_path) == (None, [])  # nothing left to try: a plain fresh start

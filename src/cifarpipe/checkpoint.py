@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +91,41 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
-def load_if_present(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at `path`, or None if there is none yet."""
-    try:
-        return load(path)
-    except FileNotFoundError:
-        return None
+# What every checkpoint of the train stage holds; a file without them is no resume point.
+_RESUME_KEYS = ("epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "step", "epoch_progress",
+                "history", "best_val_accuracy", "rng", "mlflow_run_id", "complete")
+
+
+def resume_point(job_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The checkpoint to resume the job from, and what was done to get it (messages for the user).
+
+    `last.pt` first, else `best.pt` (saved at an epoch boundary with the same full state, so resuming
+    from it replays the later epochs exactly). A file that does not load (a truncated copy, a disk
+    fault) is never deleted and never blocks the pipeline: it is set aside as
+    `<name>.unreadable-<time>` for inspection, and the next candidate is tried; with none left,
+    training starts fresh.
+    """
+    notes = []
+    for name in ("last.pt", "best.pt"):
+        path = job_dir / name
+        try:
+            ckpt = load(path)
+            missing = [k for k in _RESUME_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(_RESUME_KEYS)
+            if missing:
+                raise UserError(f"{path}: not a checkpoint of this pipeline (it lacks {', '.join(missing)})")
+        except FileNotFoundError:
+            continue
+        except UserError as e:
+            aside = path.with_name(f"{name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            notes.append(f"{e}\n  -> set aside as {aside} (kept, not deleted)")
+            continue
+        if notes:
+            notes.append(f"resuming from {path} (epoch {ckpt['epoch']}), the newest readable checkpoint")
+        return ckpt, notes
+    if notes:
+        notes.append("no readable checkpoint is left: training starts from the beginning")
+    return None, notes
 
 
 def weights_file(model: torch.nn.Module, params: Params, mean: list[float], std: list[float],
