@@ -331,7 +331,7 @@ def main() -> None:
     commands = {name: exp_run_command([*args.overrides, *overrides]) for name, (overrides, _) in runs.items()}
     device = engine.pick_device(args.device)
     arrays = data.arrays_from_archive(args.archive)
-    sp = split.make_split(len(arrays.train_labels), base.split.val_fraction, base.split.seed)
+    sp = split.make_split(len(arrays.train_labels), base.split.val_fraction, base.split.seed, base.split.method)
     sweep = None
     if candidates:
         print(f"0. choosing the fast recipe among {len(candidates)} candidates on validation accuracy", flush=True)

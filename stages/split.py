@@ -24,14 +24,14 @@ def main() -> None:
     except FileNotFoundError:
         raise UserError(f"{args.data}: not found; run the download stage first") from None
     try:
-        s = split.make_split(n, params.val_fraction, params.seed)
+        s = split.make_split(n, params.val_fraction, params.seed, params.method)
     except ValueError as e:
         raise UserError(f"params.yaml: split.val_fraction: {e}") from None
     text = split.to_json(s)
     atomic.write_text(args.out, text)
     atomic.write_text(args.hash_out, split.split_hash(text) + "\n")
     print(f"{args.out}: {len(s.train)} train / {len(s.val)} validation indices "
-          f"(seed {s.seed}), hash {split.split_hash(text)}")
+          f"(method {params.method}, seed {s.seed}), hash {split.split_hash(text)}")
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ class DataParams(_Strict):
 
 
 class SplitParams(_Strict):
+    # course: the indices of the course's torch random_split call; hash: sha256 order (see split.py)
+    method: Literal["course", "hash"]
     val_fraction: float = Field(gt=0, lt=1)
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, le=2**64 - 1)  # torch.Generator.manual_seed takes at most 64 bits
 
 
 class ModelParams(_Strict):
