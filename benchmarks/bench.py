@@ -298,6 +298,8 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="our pipeline's settings")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--course-epochs", type=int, default=10)
+    ap.add_argument("--recipe", help="recipes/<name>.yaml beside --params, as its `recipe` key: the base of all our "
+                                     "configurations (--set applies on top), e.g. --recipe gpu")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="params override for all our configurations, like dvc exp run -S (repeatable)")
     ap.add_argument("--fast", action="append", metavar="KEY=VALUE",
@@ -317,7 +319,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.json"))
     args = ap.parse_args()
 
-    base = with_overrides(load_params(args.params), args.overrides, "--set")
+    base = with_overrides(load_params(args.params, recipe=args.recipe), args.overrides, "--set")
+    if args.recipe:  # the commands that reproduce each configuration name it first
+        args.overrides = [f"recipe={args.recipe}", *args.overrides]
     if args.sweep and args.fast:
         raise UserError("--fast and --sweep both name the fast recipe: give one of them")
     candidates = {c: with_overrides(base, ["model.name=course_cnn", *c.split()], "--sweep") for c in args.sweep or []}

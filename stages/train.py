@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from cifarpipe import atomic, checkpoint, data, engine, faults, split, tracking
 from cifarpipe.cli import run_stage, stage_parser
-from cifarpipe.config import UserError, flatten, load_params
+from cifarpipe.config import UserError, flatten, load_params, recipe_changes
 from cifarpipe.loader import DeviceBatches, channel_stats, dataloader_batches
 
 
@@ -60,6 +60,8 @@ def main() -> int:
     args = ap.parse_args()
     params = load_params(args.params)
     p = params.train
+    if changes := recipe_changes(args.params):  # the values in force where they differ from params.yaml's
+        print(f"recipe {params.recipe}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()), flush=True)
     flat = flatten(params)
     device = engine.pick_device(p.device)
     client = tracking.connect()  # an unreachable store fails here, before any work

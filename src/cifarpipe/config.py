@@ -8,6 +8,7 @@ starts*, naming the key and the value, e.g.
 """
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -151,6 +152,9 @@ class TrackingParams(_Strict):
 
 
 class Params(_Strict):
+    # A named recipe: recipes/<name>.yaml beside params.yaml, whose values replace params.yaml's
+    # (see load_params). Everything below is then the effective value, the one in force.
+    recipe: str = Field(min_length=1)
     data: DataParams
     split: SplitParams
     model: ModelParams
@@ -202,7 +206,74 @@ def read_yaml_text(text: str, source: str) -> Any:
         raise UserError(f"{source}: not valid YAML: {e}") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+RECIPES_DIR = "recipes"  # beside params.yaml: recipes/<name>.yaml
+# What a recipe may set: the training and evaluation settings. Not data or split (their stages
+# would not rerun for a recipe), not tracking, not `recipe` itself.
+_RECIPE_SECTIONS = ("model", "train", "evaluate")
+
+
+# The course's recipe is params.yaml's own values: it needs no file (a params.yaml copied alone
+# still loads); recipes/course.yaml only documents it.
+BASE_RECIPE = "course"
+
+
+def recipe_names(recipes_dir: Path) -> list[str]:
+    return sorted({BASE_RECIPE, *(p.stem for p in recipes_dir.glob("*.yaml"))})
+
+
+def read_recipe(name: str, recipes_dir: Path) -> dict[str, Any]:
+    """The flattened values of recipes/<name>.yaml ({"train.batch_size": 128, ...}), checked for
+    shape (a mapping of model/train/evaluate sections); an unknown name lists the valid ones."""
+    names = recipe_names(recipes_dir)
+    if name not in names:  # also keeps the name from being a path ("../x")
+        raise UserError(f"recipe = {name!r}: no such recipe; valid: {', '.join(names)} ({recipes_dir}/NAME.yaml)")
+    source = f"{RECIPES_DIR}/{name}.yaml"
+    try:
+        raw = yaml.load((recipes_dir / f"{name}.yaml").read_text(), Loader=_Yaml12Loader)
+    except FileNotFoundError:  # only the base recipe gets here (recipe_names lists existing files)
+        return {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{source}: not valid YAML: {e}") from None
+    raw = raw or {}  # an empty recipe (the course's) changes nothing
+    if not isinstance(raw, dict) or not set(raw) <= set(_RECIPE_SECTIONS):
+        raise UserError(f"{source}: a recipe is a mapping of the sections {', '.join(_RECIPE_SECTIONS)}; "
+                        f"got {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = value
+
+    for section, value in raw.items():
+        walk(section, value)
+    return out
+
+
+def apply_recipe(raw: dict[str, Any], name: str, recipes_dir: Path) -> dict[str, Any]:
+    """params.yaml's mapping with recipes/<name>.yaml's values in place of its own (a new dict)."""
+    merged = copy.deepcopy(raw)
+    merged["recipe"] = name
+    for key, value in read_recipe(name, recipes_dir).items():
+        *parents, leaf = key.split(".")
+        node = merged
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
+            raise UserError(f"{RECIPES_DIR}/{name}.yaml: unknown key {key!r} (a recipe sets keys params.yaml has)")
+        node[leaf] = value
+    return merged
+
+
+def load_params(path: str | Path = "params.yaml", recipe: str | None = None) -> Params:
+    """params.yaml, validated, with its recipe applied: the effective values every stage uses.
+
+    `recipe` (e.g. a benchmark's --recipe) replaces params.yaml's `recipe` key. The recipe's file,
+    recipes/<name>.yaml beside params.yaml, sets values that replace params.yaml's; params.yaml
+    is validated on its own first, so each error names the file it is in.
+    """
     path = Path(path)
     try:
         raw = yaml.load(path.read_text(), Loader=_Yaml12Loader)
@@ -210,7 +281,21 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise UserError(f"{path}: not found (run from the repository root)") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
-    return parse_params(raw, str(path))
+    params = parse_params(raw, str(path))
+    name = recipe if recipe is not None else params.recipe
+    try:
+        merged = apply_recipe(raw, name, path.parent / RECIPES_DIR)
+    except UserError as e:
+        raise UserError(f"{path}: {e}" if str(e).startswith("recipe =") else str(e)) from None
+    return parse_params(merged, f"{RECIPES_DIR}/{name}.yaml")
+
+
+def recipe_changes(path: str | Path = "params.yaml", recipe: str | None = None) -> dict[str, tuple[Any, Any]]:
+    """{key: (params.yaml's value, the recipe's)} for the keys the recipe changes: what a stage prints."""
+    path = Path(path)
+    own = flatten(parse_params(read_yaml_text(path.read_text(), str(path)), str(path)))
+    effective = flatten(load_params(path, recipe))
+    return {k: (own[k], v) for k, v in effective.items() if k != "recipe" and own[k] != v}
 
 
 def flatten(params: Params) -> dict[str, Any]:

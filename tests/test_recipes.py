@@ -1,0 +1,139 @@
+"""Named recipes (recipes/<name>.yaml, selected by params.yaml's `recipe` key): validated, applied
+on load, seen by DVC, printed by train and logged to MLflow as the values in force."""
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import sys
+
+import mlflow
+import pytest
+import yaml
+
+from cifarpipe.config import OptimizerParams, UserError, flatten, load_params
+from conftest import REPO, git_commit, run
+
+BENCH = REPO / "benchmarks" / "bench.py"
+
+
+def _copy(dest, recipes: dict[str, str] | None = None):
+    """params.yaml and recipes/ in `dest`, plus these recipes; the path of params.yaml."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", dest / "params.yaml")
+    shutil.copytree(REPO / "recipes", dest / "recipes")
+    for name, text in (recipes or {}).items():
+        (dest / "recipes" / f"{name}.yaml").write_text(text)
+    return dest / "params.yaml"
+
+
+def test_an_unknown_recipe_names_the_valid_ones(tmp_path):
+    path = _copy(tmp_path)
+    path.write_text(path.read_text().replace("\nrecipe: course", "\nrecipe: fastest"))
+    with pytest.raises(UserError) as e:
+        load_params(path)
+    assert str(e.value).startswith(f"{path}: recipe = 'fastest': no such recipe; valid: course, fast, gpu, sgd")
+    with pytest.raises(UserError, match="valid: course, fast, gpu, sgd"):  # a name, never a path
+        load_params(REPO / "params.yaml", recipe="../params")
+
+
+def test_a_recipe_sets_only_keys_params_yaml_has_in_its_own_sections(tmp_path):
+    path = _copy(tmp_path, {"typo": "train: {optimizer: {lrr: 0.1}}", "data": "data: {retries: 5}",
+                            "bad": "train: {batch_size: 0}"})
+    with pytest.raises(UserError, match=r"^recipes/typo.yaml: unknown key 'train.optimizer.lrr'"):
+        load_params(path, recipe="typo")
+    with pytest.raises(UserError, match=r"^recipes/data.yaml: a recipe is a mapping of the sections model, train, evaluate"):
+        load_params(path, recipe="data")
+    with pytest.raises(UserError, match=r"^recipes/bad.yaml: train.batch_size = 0: "):
+        load_params(path, recipe="bad")
+
+
+def test_the_recipes_hold_the_measured_values():
+    base = flatten(load_params(REPO / "params.yaml", recipe="course"))
+    assert base == flatten(load_params(REPO / "params.yaml"))  # the default: params.yaml unchanged
+    assert base["recipe"] == "course"
+    # fast: bench.py's FAST_CNN list, the same values (the benchmark and the recipe can't drift apart)
+    tree = ast.parse(BENCH.read_text())
+    fast_cnn = next(ast.literal_eval(n.value) for n in tree.body
+                    if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "FAST_CNN")
+    fast = flatten(load_params(REPO / "params.yaml", recipe="fast"))
+    assert {k: v for k, v in fast.items() if base[k] != v} == {
+        "recipe": "fast", **{k: yaml.safe_load(v) for k, v in (i.split("=") for i in fast_cnn)}}
+    # gpu: the command measured on an NVIDIA H200 (90.2 % test accuracy in 28.7 s of training)
+    gpu = flatten(load_params(REPO / "params.yaml", recipe="gpu"))
+    assert {k: v for k, v in gpu.items() if base[k] != v} == {
+        "recipe": "gpu", "model.name": "cifar_resnet", "model.width": 128, "train.batch_size": 512,
+        "train.epochs": 30, "train.optimizer.lr": 0.002, "train.scheduler.patience": 1,
+        "train.label_smoothing": 0.1, "evaluate.tta_flip": True}
+
+
+@pytest.mark.skipif("name" not in OptimizerParams.model_fields,
+                    reason="enable at merge: needs train.optimizer.name / train.scheduler.name (the optim branch)")
+def test_the_sgd_recipe_is_the_courses_basic_loop():
+    p = load_params(REPO / "params.yaml", recipe="sgd")
+    assert (p.train.optimizer.name, p.train.optimizer.momentum, p.train.optimizer.lr) == ("sgd", 0.9, 0.001)
+    assert p.train.scheduler.name == "none"
+
+
+def _runs(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return sorted(mlflow.search_runs(experiment_names=["cifar10"], output_format="list"),
+                  key=lambda r: r.info.start_time)
+
+
+def test_one_flag_selects_a_recipe_in_dvc_exp_run_and_mlflow_logs_its_values(project):
+    run(["dvc", "repro", "split"], project)
+    git_commit(project, "data")
+    proc = run(["dvc", "exp", "run", "-S", "recipe=fast"], project)
+    # the stage prints what the recipe changed (params.yaml of the test copy has batch 32)
+    assert "recipe fast: train.batch_size 32 -> 128, train.augment.crop_padding 4 -> 0" in proc.stdout
+    # back to the course's recipe: only params.yaml's `recipe` key changes, and DVC must rerun train
+    run(["dvc", "exp", "run", "-S", "recipe=course"], project)
+    fast, course = _runs(project)
+    assert fast.info.status == course.info.status == "FINISHED"
+    assert fast.data.params["recipe"] == "fast"
+    for key, value in [("train.batch_size", "128"), ("train.optimizer.lr", "0.003"), ("train.scheduler.patience", "0"),
+                       ("train.augment.crop_padding", "0"), ("train.label_smoothing", "0.1")]:
+        assert fast.data.params[key] == value, key
+    assert (course.data.params["recipe"], course.data.params["train.batch_size"]) == ("course", "32")
+    # two jobs, two fingerprints: the checkpoint folders follow the values in force
+    assert fast.data.tags["fingerprint"] != course.data.tags["fingerprint"]
+    shown = run(["dvc", "exp", "show", "--json"], project).stdout
+    assert '"recipe": "fast"' in shown
+
+
+def test_mlflow_run_takes_the_recipe_as_a_parameter(project):
+    run(["dvc", "repro", "split"], project)
+    git_commit(project, "data")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "cifar10",
+         "-P", "recipe=fast", "-P", "epochs=1"], project, env=env)
+    (r,) = _runs(project)
+    assert r.info.status == "FINISHED"
+    assert (r.data.params["recipe"], r.data.params["train.batch_size"], r.data.params["train.epochs"]) == ("fast", "128", "1")
+
+
+def test_mlflow_run_refuses_a_parameter_its_recipe_would_override(tmp_path):
+    proc = run([sys.executable, str(REPO / "stages" / "mlflow_run.py"), "--recipe", "gpu", "--epochs", "5"],
+               tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "recipe 'gpu' sets what -P epochs=5 (the recipe sets train.epochs=30) would change" in proc.stderr
+    assert "+ dvc" not in proc.stdout  # stopped before any DVC command
+    proc = run([sys.executable, str(REPO / "stages" / "mlflow_run.py"), "--recipe", "fastest"], tmp_path, check=False)
+    assert proc.returncode == 2 and "valid: course, fast, gpu, sgd" in proc.stderr
+
+
+def test_bench_takes_a_recipe_as_the_base_of_its_configurations(tmp_path, tiny_archive):
+    archive, _ = tiny_archive
+    bench = [sys.executable, str(BENCH), "--archive", str(archive), "--params", str(REPO / "params.yaml"),
+             "--device", "cpu", "--skip", "course", "--skip", "fast", "--skip", "resnet", "--skip", "tracking"]
+    proc = run([*bench, "--recipe", "fastest", "--out", str(tmp_path / "no.json")], tmp_path, check=False)
+    assert proc.returncode == 1 and "valid: course, fast, gpu, sgd" in proc.stderr
+    assert not (tmp_path / "no.json").exists()
+    out = tmp_path / "bench.json"
+    run([*bench, "--recipe", "fast", "--set", "train.epochs=1", "--out", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    (config,) = report["configurations"].values()
+    assert (config["recipe"], config["train.batch_size"], config["train.epochs"]) == ("fast", 128, 1)
+    (command,) = report["commands"].values()
+    assert command.startswith("dvc exp run -S recipe=fast -S train.epochs=1")
