@@ -24,13 +24,13 @@ USER = ("alice", "alice-Secret-1")
 
 
 @contextlib.contextmanager
-def team_server(folder: Path, backend_uri: str):
+def team_server(folder: Path, backend_uri: str, auth_db_uri: str | None = None):
     """`mlflow server` as the README's "For a team" starts it, on loopback: basic-auth, artifacts
     served from `folder/artifacts`, the admin account from MLflow's environment variables."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "auth.ini").write_text(
         "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+        f"database_uri = {auth_db_uri or 'sqlite:///' + str(folder / 'basic_auth.db')}\n"
         f"admin_username = {ADMIN[0]}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         # each request's password check is a PBKDF2 hash: cached for 60 s per (user, password)
@@ -92,6 +92,39 @@ def status_without_credentials(url: str) -> int:
 
 def test_the_pipeline_logs_everything_through_an_authenticated_team_server(project, tmp_path):
     with team_server(tmp_path / "server", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}") as url:
+        check_team_server(project, tmp_path / "server", url)
+
+
+@pytest.fixture
+def postgres_databases():
+    """Two new, empty PostgreSQL databases (tracking, users) on the server that CIFARPIPE_TEST_POSTGRES
+    names (postgresql://USER:PASSWORD@HOST:PORT/postgres, a role allowed to create databases); dropped
+    afterwards. Without it the PostgreSQL test is skipped: see the README's "For a team" to start one."""
+    admin = os.environ.get("CIFARPIPE_TEST_POSTGRES")
+    if not admin:
+        pytest.skip("CIFARPIPE_TEST_POSTGRES is not set (a PostgreSQL server to test against)")
+    psycopg = pytest.importorskip("psycopg")  # SQLAlchemy 2.1's driver for postgresql:// URIs
+    import uuid
+
+    names = [f"cifarpipe_{uuid.uuid4().hex[:8]}", ""]
+    names[1] = names[0] + "_auth"
+    conn = psycopg.connect(admin, autocommit=True)
+    base = admin.rsplit("/", 1)[0]
+    try:
+        with conn.cursor() as cur:
+            for name in names:
+                cur.execute(f"CREATE DATABASE {name}")
+        yield [f"{base}/{name}" for name in names]
+    finally:
+        with conn.cursor() as cur:
+            for name in names:
+                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
+
+
+def test_the_same_against_a_postgresql_backend(postgres_databases, project, tmp_path):
+    tracking_db, auth_db = postgres_databases
+    with team_server(tmp_path / "server", tracking_db, auth_db) as url:
         check_team_server(project, tmp_path / "server", url)
 
 
