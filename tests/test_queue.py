@@ -31,7 +31,7 @@ def wait_for_queue(project: Path, deadline_s: float = 900) -> str:
         time.sleep(3)
 
 
-@pytest.mark.slow  # about 4.5 min on 2 busy cores: 4 pipelines, 2 at a time
+@pytest.mark.slow  # 2.5 to 4.5 min on 2 shared cores: 4 pipelines, 2 at a time
 def test_a_queued_sweep_with_two_workers_puts_every_run_into_the_repositorys_store(project):
     run(["dvc", "repro", "split"], project)  # data in DVC's cache: the queued experiments train at once
     git_commit(project, "data")
