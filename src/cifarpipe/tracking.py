@@ -1,7 +1,9 @@
 """Everything MLflow: one run per training job, resumed as the same run, logged without stalling.
 
 Store: whatever MLflow resolves (MLFLOW_TRACKING_URI, else MLflow 3's default `sqlite:///mlflow.db`
-in the working directory, which `mlflow ui` started in the repo root shows with no arguments).
+in the working directory, which `mlflow ui` started in the repo root shows with no arguments), with
+one exception: a stage that DVC runs in a temporary copy of the repository (`dvc exp run --queue` /
+`--temp`) uses the original repository's ./mlflow.db and ./mlruns/, never the copy's (see store_root).
 
 Metrics are logged from a background thread once per epoch. If the store goes away mid-run,
 training goes on: the values stay queued and are sent with the next epoch's batch; whatever is
@@ -65,8 +67,105 @@ PENDING_NAME = "mlflow_pending.json"
 EVALUATION_PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under its parent
 
 
+_REBASED_URI: str | None = None  # set when tracking_uri() moved the default store out of a DVC temp copy
+
+
+def store_root() -> Path:
+    """The folder whose ./mlflow.db is the default store: the repository the stage belongs to.
+
+    `dvc exp run --queue` (then `dvc queue start`) and `dvc exp run --temp` run the stages in a
+    temporary copy, <repo>/.dvc/tmp/exps/tmpXXXX/, deleted when the experiment ends: a store there is
+    lost. DVC 3.x passes the original repository's root to the stages as DVC_ROOT (checked with
+    dvc 3.67.1: the queue stores it with the experiment, dvc/repo/experiments/queue/base.py; the
+    stage's cwd is the temporary copy and DVC_EXP_NAME / DVC_EXP_BASELINE_REV are set too);
+    `dvc repro` sets DVC_ROOT to the repository root, which is then the working directory. Without
+    a usable DVC_ROOT (a stage script run by hand, an older DVC) a working directory inside
+    <repo>/.dvc/tmp/exps/ still means <repo>; anything else is the working directory, as in MLflow.
+    """
+    root = os.environ.get("DVC_ROOT")
+    if root and Path(root, ".dvc").is_dir():
+        return Path(root).resolve()
+    cwd = Path.cwd().resolve()
+    for i in range(len(cwd.parts) - 3):
+        if cwd.parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*cwd.parts[:i])
+    return cwd
+
+
 def tracking_uri() -> str:
-    return mlflow.get_tracking_uri()
+    """The store: the user's (MLFLOW_TRACKING_URI, mlflow.set_tracking_uri) if set, else MLflow's
+    default, `sqlite:///mlflow.db`, taken in store_root() instead of the working directory."""
+    global _REBASED_URI
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    uri = mlflow.get_tracking_uri()
+    if is_tracking_uri_set() or not uri.startswith("sqlite:///"):
+        return uri
+    root = store_root()
+    if root == Path.cwd().resolve():
+        return uri
+    # Exported, not only returned: MLflow's fluent API (the model logging's start_run) and any
+    # process MLflow starts resolve the store themselves and must reach the same one.
+    _REBASED_URI = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = _REBASED_URI
+    return _REBASED_URI
+
+
+def _artifact_location(client: MlflowClient, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: MLflow's default (./mlruns/<id> of the working
+    directory, resolved when the store is opened) except in a DVC temp copy, whose ./mlruns goes
+    with it: there <repo>/mlruns/<experiment name>, beside the default experiments' folders."""
+    if _REBASED_URI is None or _uri(client) != _REBASED_URI:
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in experiment).strip(".") or "experiment"
+    return (store_root() / "mlruns" / safe).as_uri()
+
+
+def _create_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if new. Two queued trainings may create it at the same
+    moment: the one that loses gets MLflow's RESOURCE_ALREADY_EXISTS and takes the winner's."""
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(client, name))
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextlib.contextmanager
+def _store_open_lock(uri: str):
+    """One process at a time opens a SQLite store for the first time.
+
+    MLflow 3.17's SQLite tracking store creates the tables of a new database file without a lock
+    (its lock-taking _safe_initialize_tables serves other stores): 4 processes opening one fresh
+    file at once left 3 failing with "table _alembic_tmp_runs already exists" (measured), which is
+    what `dvc queue start -j 2` does on a repository without ./mlflow.db yet. Once the tables exist
+    the lock is held only while one query runs (milliseconds). Writes to an existing store need no
+    lock of ours: MLflow opens every SQLite session with `PRAGMA busy_timeout = 20000`, so a write
+    waits up to 20 s for another process's transaction (each of ours takes milliseconds; 4 processes
+    x 150 log_batch calls at once: no "database is locked"), and whatever still fails is kept by the
+    Tracker's queue and the pending-deliveries journal and sent again.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock; MLflow's own behaviour
+        yield
+        return
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import tempfile
+
+    lock = Path(tempfile.gettempdir()) / f"cifarpipe-store-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def is_not_found(e: BaseException) -> bool:
@@ -119,7 +218,7 @@ def connect() -> MlflowClient:
     """A client for the store, after proving it answers; a clear error naming the URI if not."""
     uri = tracking_uri()
     try:
-        with _fail_fast_http():
+        with _fail_fast_http(), _store_open_lock(uri):
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)
     except Exception as e:
@@ -553,7 +652,7 @@ class Tracker:
                     journal.remove(lambda it: it["run_id"] == run_id and it["kind"] in ("status", "abandon"))
                 return cls(client, run_id, journal)
             exp = client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+            exp_id = exp.experiment_id if exp else _create_experiment(client, experiment)
             run = client.create_run(exp_id, tags=create_tags or {}, run_name=run_name)
         except Exception as e:
             raise UserError(f"the MLflow store {uri} did not answer as expected ({_short(e)}). Nothing was "
