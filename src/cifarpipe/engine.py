@@ -152,9 +152,8 @@ class EpochSchedule:
         Later epochs keep what the optimizer holds: the plateau scheduler's rate (restored on resume)."""
         n, f = self.p.warmup_epochs, self.p.warmup_start_factor
         if n and epoch <= n:
-            scale = 1.0 if epoch == n else f + (1 - f) * epoch / n  # 1.0 exactly: f + (1 - f) may round
             for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-                group["lr"] = base * scale
+                group["lr"] = base * (f + (1 - f) * epoch / n)
         return self.optimizer.param_groups[0]["lr"]
 
     def end_epoch(self, epoch: int, val: EvalResult) -> None:
