@@ -207,9 +207,10 @@ def _our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, params: 
         sync(device)
         t0 = time.perf_counter()
         stop = (lambda: time.perf_counter() > deadline) if deadline else (lambda: False)
+        scheduler.start_epoch(epoch)
         progress = engine.train_one_epoch(step_model, train_b.epoch(epoch), optimizer, loss_fn, amp=amp, should_stop=stop)
         val = engine.evaluate(step_model, val_b.epoch(0), amp=amp)
-        scheduler.step(val.accuracy)
+        scheduler.end_epoch(epoch, val)
         checkpoint.save(ckpt_path, {"epoch": epoch + 1, "step": 0, "model_state_dict": model.state_dict(),
                                     "optimizer_state_dict": optimizer.state_dict(),
                                     "scheduler_state_dict": scheduler.state_dict()})

@@ -1,4 +1,4 @@
-"""Stage `train`: Adam + ReduceLROnPlateau on the split's training part, tracked in one MLflow run.
+"""Stage `train`: Adam or SGD, ReduceLROnPlateau, warm-up, on the split's training part, tracked in one MLflow run.
 
 Reads params `model.*`, `train.*`, `tracking.*` and `data.md5`; paths come from dvc.yaml.
 Resumable: after every epoch (and at a safe point on SIGINT/SIGTERM) a checkpoint is written
@@ -214,6 +214,7 @@ def main() -> int:
     try:
         for epoch in range(start_epoch, p.epochs):
             number = epoch + 1
+            scheduler.start_epoch(epoch)  # the warm-up's rate; a function of the epoch, so exact on resume
             t0 = time.perf_counter()
             with tqdm(total=steps_per_epoch, initial=progress.step, desc=f"epoch {number}/{p.epochs}",
                       unit="batch", leave=False, mininterval=0.5) as bar:
@@ -237,7 +238,7 @@ def main() -> int:
             faults.hit("validation", number)
             val = engine.evaluate(step_model, val_batches.epoch(0), amp=amp)
             lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
-            scheduler.step(val.accuracy if p.scheduler.mode == "max" else val.loss)
+            scheduler.end_epoch(epoch, val)  # the plateau scheduler, after warm-up
             row = {"epoch": number, "train_loss": progress.loss, "train_accuracy": progress.accuracy,
                    "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": lr, "epoch_seconds": seconds,
                    "images_per_second": progress.seen / seconds}

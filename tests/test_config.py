@@ -18,8 +18,10 @@ def test_the_real_params_file_is_valid_and_keeps_the_course_recipe():
     assert p.data.md5 == "c58f30108f718f92721af3b95e74349a"
     assert p.data.url == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     o, s = p.train.optimizer, p.train.scheduler
-    assert (o.lr, o.betas, o.eps, o.weight_decay) == (1e-3, (0.9, 0.999), 1e-8, 0.0)
-    assert (s.mode, s.patience, s.threshold, s.factor) == ("max", 3, 1e-4, 0.1)
+    assert (o.name, o.lr, o.betas, o.eps, o.weight_decay) == ("adam", 1e-3, (0.9, 0.999), 1e-8, 0.0)
+    assert (o.momentum, o.nesterov) == (0.9, False)  # the course's basic loop, when name is sgd
+    assert (s.name, s.mode, s.patience, s.threshold, s.factor) == ("plateau", "max", 3, 1e-4, 0.1)
+    assert s.warmup_epochs == 0  # no warm-up unless asked for
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -32,6 +34,18 @@ def test_the_real_params_file_is_valid_and_keeps_the_course_recipe():
     ("train.optimizer.betas", [0.9, 1.5], "train.optimizer.betas = [0.9, 1.5]: each beta must be >= 0 and < 1"),
     ("train.augment.flip", "yes", "train.augment.flip = 'yes': Input should be a valid boolean"),
     ("model.name", "vgg", "model.name = 'vgg': Input should be 'course_cnn' or 'cifar_resnet'"),
+    ("train.optimizer.name", "rmsprop", "train.optimizer.name = 'rmsprop': Input should be 'adam' or 'sgd'"),
+    ("train.optimizer.momentum", -0.1, "train.optimizer.momentum = -0.1: Input should be greater than or equal to 0"),
+    ("train.optimizer.momentum", 1.0, "train.optimizer.momentum = 1.0: Input should be less than 1"),
+    ("train.optimizer.nesterov", "yes", "train.optimizer.nesterov = 'yes': Input should be a valid boolean"),
+    ("train.scheduler.name", "cosine", "train.scheduler.name = 'cosine': Input should be 'plateau' or 'none'"),
+    ("train.scheduler.warmup_epochs", -1,
+     "train.scheduler.warmup_epochs = -1: Input should be greater than or equal to 0"),
+    ("train.scheduler.warmup_epochs", 10, "train.scheduler.warmup_epochs = 10: must be less than train.epochs (10)"),
+    ("train.scheduler.warmup_start_factor", 0.0,
+     "train.scheduler.warmup_start_factor = 0.0: Input should be greater than 0"),
+    ("train.scheduler.warmup_start_factor", 1.5,
+     "train.scheduler.warmup_start_factor = 1.5: Input should be less than or equal to 1"),
 ])
 def test_bad_values_are_rejected_naming_key_and_value(key, value, message):
     raw = real_params()
@@ -43,6 +57,22 @@ def test_bad_values_are_rejected_naming_key_and_value(key, value, message):
     with pytest.raises(UserError) as e:
         parse_params(raw)
     assert message in str(e.value)
+
+
+def test_impossible_optimizer_combinations_are_named_at_their_key():
+    base = load_params(REPO / "params.yaml")
+    with pytest.raises(UserError) as e:  # torch.optim.SGD would only refuse it once training starts
+        with_overrides(base, ["train.optimizer.name=sgd", "train.optimizer.momentum=0", "train.optimizer.nesterov=true"])
+    assert str(e.value) == ("override: train.optimizer.nesterov = True: "
+                            "Nesterov momentum needs train.optimizer.momentum > 0 (it is 0.0)")
+    p = with_overrides(base, ["train.optimizer.name=sgd", "train.optimizer.momentum=0"])  # plain SGD is fine
+    assert (p.train.optimizer.name, p.train.optimizer.momentum) == ("sgd", 0.0)
+    # A warm-up that fills training: the error names the warm-up key, not the whole train section.
+    with pytest.raises(UserError) as e:
+        with_overrides(base, ["train.epochs=3", "train.scheduler.warmup_epochs=3"])
+    assert str(e.value) == "override: train.scheduler.warmup_epochs = 3: must be less than train.epochs (3)"
+    p = with_overrides(base, ["train.epochs=3", "train.scheduler.warmup_epochs=2", "train.scheduler.warmup_start_factor=1"])
+    assert (p.train.scheduler.warmup_epochs, p.train.scheduler.warmup_start_factor) == (2, 1.0)
 
 
 def test_unknown_and_missing_keys_are_named():
@@ -66,6 +96,10 @@ def test_flatten_uses_dotted_names():
     flat = flatten(load_params(REPO / "params.yaml"))
     assert flat["train.optimizer.lr"] == 1e-3
     assert flat["train.optimizer.betas"] == [0.9, 0.999]
+    assert (flat["train.optimizer.name"], flat["train.optimizer.momentum"], flat["train.optimizer.nesterov"]) == \
+        ("adam", 0.9, False)
+    assert (flat["train.scheduler.name"], flat["train.scheduler.warmup_epochs"],
+            flat["train.scheduler.warmup_start_factor"]) == ("plateau", 0, 0.1)
     assert flat["split.seed"] == 2025
 
 

@@ -1,6 +1,9 @@
 """The training loop and the models, on tiny data on the CPU."""
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -9,8 +12,10 @@ from cifarpipe import checkpoint, engine
 from cifarpipe.config import ModelParams, OptimizerParams, SchedulerParams
 from cifarpipe.models import build_model
 
-ADAM = OptimizerParams(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-PLATEAU = SchedulerParams(mode="max", patience=3, threshold=1e-4, factor=0.1)
+ADAM = OptimizerParams(name="adam", lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum=0.9,
+                       nesterov=False)
+PLATEAU = SchedulerParams(name="plateau", mode="max", patience=3, threshold=1e-4, factor=0.1, warmup_epochs=0,
+                          warmup_start_factor=0.1)
 
 
 def tiny_batches(n=64, batch=16, seed=0):
@@ -69,7 +74,7 @@ def test_checkpoint_dict_round_trips_with_weights_only_loading(tmp_path):
     opt = engine.make_optimizer(model, ADAM)
     sched = engine.make_scheduler(opt, PLATEAU)
     engine.train_one_epoch(model, tiny_batches(), opt, torch.nn.CrossEntropyLoss())
-    sched.step(0.5)
+    sched.end_epoch(0, engine.EvalResult(loss=1.0, accuracy=0.5, predictions=np.empty(0)))
     ckpt = {"epoch": 3, "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
             "scheduler_state_dict": sched.state_dict(), "loss": 1.5, "step": 0, "rng": checkpoint.rng_state(torch.device("cpu")),
             "history": [{"epoch": 1, "val_accuracy": 0.5}], "complete": False, "fingerprint": "abc"}
@@ -82,7 +87,7 @@ def test_checkpoint_dict_round_trips_with_weights_only_loading(tmp_path):
     opt2.load_state_dict(loaded["optimizer_state_dict"])
     sched2 = engine.make_scheduler(opt2, PLATEAU)
     sched2.load_state_dict(loaded["scheduler_state_dict"])
-    assert sched2.best == 0.5
+    assert sched2.plateau.best == 0.5
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
@@ -158,3 +163,52 @@ def test_the_reported_train_loss_is_plain_cross_entropy_while_smoothing_is_optim
     before = model.fc3.weight.detach().clone()
     engine.train_one_epoch(model, [(x, y)], opt, smoothed_fn)
     torch.testing.assert_close(before - model.fc3.weight.detach(), smoothed_grad)
+
+
+def test_sgd_is_the_optimizer_when_named_and_steps_exactly_like_torch_sgd():
+    sgd = ADAM.model_copy(update={"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3})
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="course_cnn", width=64))
+    reference = copy.deepcopy(model)
+    opt = engine.make_optimizer(model, sgd)
+    assert type(opt) is torch.optim.SGD and opt.defaults["fused"]  # one kernel, as Adam on the CPU
+    assert (opt.defaults["momentum"], opt.defaults["nesterov"], opt.defaults["weight_decay"]) == (0.9, True, 1e-3)
+    # The same three steps (momentum matters from the second on) with torch's plain SGD of the course's values.
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    engine.train_one_epoch(model, tiny_batches(48, 16), opt, loss_fn)
+    engine.train_one_epoch(reference, tiny_batches(48, 16), ref_opt, loss_fn)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    adam = engine.make_optimizer(build_model(ModelParams(name="course_cnn", width=64)), ADAM)
+    assert type(adam) is torch.optim.Adam and adam.defaults["fused"]
+
+
+def _lrs(schedule: engine.EpochSchedule, val_accuracies: list[float]) -> list[float]:
+    """The rate each epoch trains with, the stage's way: start_epoch, (training), validation, end_epoch."""
+    lrs = []
+    for epoch, acc in enumerate(val_accuracies):
+        lrs.append(schedule.start_epoch(epoch))
+        schedule.end_epoch(epoch, engine.EvalResult(loss=1 - acc, accuracy=acc, predictions=np.empty(0)))
+    return lrs
+
+
+def test_warmup_rises_per_epoch_then_the_plateau_scheduler_starts_with_its_full_patience():
+    model = build_model(ModelParams(name="course_cnn", width=64))
+    opt = engine.make_optimizer(model, ADAM.model_copy(update={"lr": 0.01}))
+    warm = PLATEAU.model_copy(update={"patience": 1, "threshold": 0.0, "warmup_epochs": 2, "warmup_start_factor": 0.25})
+    # Validation accuracy falls during warm-up. Counted, epochs 1-3 would be two bad epochs after the
+    # best (epoch 1) and cut the rate after epoch 3. Not counted, epoch 3 (0.30) is the plateau's
+    # first value; epoch 4 improves it, 5 and 6 are its two bad epochs (patience 1): the cut comes after 6.
+    lrs = _lrs(engine.make_scheduler(opt, warm), [0.50, 0.40, 0.30, 0.35, 0.34, 0.33, 0.32])
+    assert lrs == pytest.approx([0.0025, 0.00625, 0.01, 0.01, 0.01, 0.01, 0.001], rel=1e-12)
+    assert lrs[2] == 0.01  # the warm-up ends at the configured rate exactly
+    # `none`: the warm-up, then the configured rate whatever validation says; nothing to checkpoint.
+    opt = engine.make_optimizer(model, ADAM.model_copy(update={"lr": 0.01}))
+    constant = engine.make_scheduler(opt, warm.model_copy(update={"name": "none"}))
+    assert _lrs(constant, [0.5, 0.4, 0.3, 0.2]) == pytest.approx([0.0025, 0.00625, 0.01, 0.01], rel=1e-12)
+    assert constant.state_dict() == {}
+    # No warm-up: the course's plateau scheduler from the first epoch (patience 1: cut after epoch 3).
+    opt = engine.make_optimizer(model, ADAM.model_copy(update={"lr": 0.01}))
+    plain = engine.make_scheduler(opt, PLATEAU.model_copy(update={"patience": 1, "threshold": 0.0}))
+    assert _lrs(plain, [0.5, 0.4, 0.3, 0.2]) == pytest.approx([0.01, 0.01, 0.01, 0.001], rel=1e-12)

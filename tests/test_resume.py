@@ -265,3 +265,44 @@ def test_with_no_readable_checkpoint_left_training_starts_fresh(tmp_path):
     assert resume is None and "starts from the beginning" in notes[-1]
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["best.pt.unreadable", "last.pt.unreadable"]
     assert checkpoint.resume_point(tmp_path) == (None, [])  # nothing left to try: a plain fresh start
+
+
+# The course's basic loop with a warm-up: SGD (Nesterov momentum), epochs 1-2 of 3 warming up from
+# lr * 0.25. A kill inside the warm-up must resume to the bitwise same result, through the momentum
+# buffers and the per-epoch warm-up rate.
+WARMUP = {"train.optimizer.name": "sgd", "train.optimizer.lr": 0.01, "train.optimizer.nesterov": True,
+          "train.scheduler.warmup_epochs": 2, "train.scheduler.warmup_start_factor": 0.25}
+
+
+@pytest.fixture(scope="module")
+def warmup_baseline(baseline, tmp_path_factory):
+    seed, _ = baseline
+    base = tmp_path_factory.mktemp("warmup")
+    warm_seed = fresh_copy(seed, base / "seed")
+    set_params(warm_seed, **WARMUP)
+    git_commit(warm_seed, "SGD with warm-up")
+    done = fresh_copy(warm_seed, base / "uninterrupted")
+    run(["dvc", "repro"], done)
+    return warm_seed, done
+
+
+def test_sgd_with_warmup_is_logged_and_a_kill_inside_the_warmup_resumes_exactly(warmup_baseline, tmp_path):
+    seed, done = warmup_baseline
+    client, (reference,) = runs_of(done)
+    logged = reference.data.params
+    assert (logged["train.optimizer.name"], logged["train.optimizer.momentum"], logged["train.optimizer.nesterov"],
+            logged["train.scheduler.warmup_epochs"], logged["train.scheduler.warmup_start_factor"]) == \
+        ("sgd", "0.9", "True", "2", "0.25")
+    lrs = [m.value for m in sorted(client.get_metric_history(reference.info.run_id, "lr"), key=lambda m: m.step)]
+    assert lrs == pytest.approx([0.0025, 0.00625, 0.01], rel=1e-12)  # per epoch: 0.25, 0.625, 1 x lr
+
+    project = fresh_copy(seed, tmp_path / "p")
+    killed = run(["dvc", "repro"], project, env={"CIFARPIPE_FAULT": "step:2:5"}, check=False)
+    assert killed.returncode != 0
+    assert (last_checkpoint(project)["epoch"], last_checkpoint(project)["step"]) == (1, 0)
+    # Resumed at the start of warm-up epoch 2, then stopped inside it: a mid-epoch checkpoint in warm-up.
+    stopped = run(stage_cmd(project, "train"), project, env={"CIFARPIPE_FAULT": "step:2:4:INT"}, check=False)
+    assert stopped.returncode == 130 and "resuming from outputs/checkpoints/" in stopped.stdout
+    assert (last_checkpoint(project)["epoch"], last_checkpoint(project)["step"]) == (1, 4)
+    assert "epoch 2, batch 4" in run(["dvc", "repro"], project).stdout
+    assert_same_as_uninterrupted(project, done)

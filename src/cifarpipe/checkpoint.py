@@ -1,7 +1,7 @@
 """Checkpoints: the course's dict plus everything an exact resume needs.
 
-Keys (the course's first): epoch, model_state_dict, optimizer_state_dict, scheduler_state_dict,
-loss; then step (optimizer steps into the unfinished epoch, 0 at an epoch boundary),
+Keys (the course's first): epoch, model_state_dict, optimizer_state_dict, scheduler_state_dict
+(ReduceLROnPlateau's; {} with scheduler none; a warm-up's rate follows from the epoch), loss; then step (optimizer steps into the unfinished epoch, 0 at an epoch boundary),
 epoch_progress (that epoch's running sums), history (one dict of metrics per finished epoch),
 best_val_accuracy, rng (torch CPU and CUDA generator states), mlflow_run_id, fingerprint and
 complete (True once the last epoch is done and the final outputs are about to be written).

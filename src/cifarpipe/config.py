@@ -15,7 +15,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class UserError(Exception):
@@ -67,11 +67,26 @@ class ModelParams(_Strict):
     width: int = Field(ge=8, le=1024)  # base channel count of cifar_resnet; course_cnn ignores it
 
 
+class _KeyProblem(ValueError):
+    """A check across keys (e.g. nesterov needs momentum), reported at the key it names, relative to
+    the section that raised it: `params.yaml: train.optimizer.nesterov = True: ...`, not the whole section."""
+
+    def __init__(self, key: str, value: Any, message: str) -> None:
+        super().__init__(message)
+        self.key, self.value, self.message = key, value, message
+
+
 class OptimizerParams(_Strict):
+    # One flat section for both optimizers: `-S train.optimizer.name=sgd` switches with one flag and
+    # every value stays visible in params.yaml. Keys of the optimizer not chosen are validated too
+    # (an impossible value is an error whichever optimizer is active) but do not affect training.
+    name: Literal["adam", "sgd"]
     lr: float = Field(gt=0)
-    betas: tuple[float, float]
-    eps: float = Field(gt=0)
-    weight_decay: float = Field(ge=0)
+    weight_decay: float = Field(ge=0)  # L2 penalty added to the gradient (both optimizers)
+    betas: tuple[float, float]  # adam only
+    eps: float = Field(gt=0)  # adam only
+    momentum: float = Field(ge=0, lt=1)  # sgd only; 1 or more never decays the velocity
+    nesterov: bool  # sgd only
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -85,12 +100,22 @@ class OptimizerParams(_Strict):
             raise ValueError("each beta must be >= 0 and < 1")
         return v
 
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimizerParams:
+        if self.nesterov and self.momentum == 0:  # torch.optim.SGD refuses it too, but only once training starts
+            raise _KeyProblem("nesterov", self.nesterov, "Nesterov momentum needs train.optimizer.momentum > 0 "
+                                                          f"(it is {self.momentum})")
+        return self
+
 
 class SchedulerParams(_Strict):
-    mode: Literal["max", "min"]  # "max": stepped on validation accuracy
-    patience: int = Field(ge=0)
-    threshold: float = Field(ge=0)
-    factor: float = Field(gt=0, lt=1)
+    name: Literal["plateau", "none"]  # none: the lr stays constant (after any warm-up)
+    mode: Literal["max", "min"]  # plateau only; "max": stepped on validation accuracy
+    patience: int = Field(ge=0)  # plateau only
+    threshold: float = Field(ge=0)  # plateau only
+    factor: float = Field(gt=0, lt=1)  # plateau only
+    warmup_epochs: int = Field(ge=0)  # linear warm-up over the first N epochs; 0: off
+    warmup_start_factor: float = Field(gt=0, le=1)  # the first epoch trains at lr * this
 
 
 class AugmentParams(_Strict):
@@ -116,6 +141,15 @@ class TrainParams(_Strict):
     deterministic: bool
     optimizer: OptimizerParams
     scheduler: SchedulerParams
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainParams:
+        # At least one epoch after the warm-up trains at the full lr (and gives the plateau scheduler
+        # its first step); a warm-up as long as training never reaches the configured lr.
+        if self.scheduler.warmup_epochs >= self.epochs:
+            raise _KeyProblem("scheduler.warmup_epochs", self.scheduler.warmup_epochs,
+                              f"must be less than train.epochs ({self.epochs})")
+        return self
 
 
 class EvaluateParams(_Strict):
@@ -169,6 +203,9 @@ def _describe(err: dict[str, Any], source: str) -> str:
         return f"{source}: unknown key {key!r}"
     if err["type"] == "missing":
         return f"{source}: missing key {key!r}"
+    problem = err.get("ctx", {}).get("error")
+    if isinstance(problem, _KeyProblem):
+        return f"{source}: {key}.{problem.key} = {problem.value!r}: {problem.message}"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{source}: {key} = {err.get('input')!r}: {msg}"
 
