@@ -4,7 +4,7 @@ Measures, on the same data and the same device:
   1. the course's loop: torchvision CIFAR10 dataset + DataLoader (batch 8, no worker processes, as the course writes it), the course
      CNN, Adam + ReduceLROnPlateau on validation accuracy, as the course wrote it;
   2. our engine with the course CNN and params.yaml's training settings;
-  3. our engine with the course CNN and the fast recipe (FAST_CNN below: params overrides);
+  3. our engine with the fast recipe (recipes/fast.yaml, the course CNN);
   4. our engine with cifar_resnet, once per --resnet (on a CPU only for --resnet-seconds: it is
      a GPU network);
   5. the MLflow overhead: configuration 3 with tracking off, on, and off again, interleaved.
@@ -43,17 +43,6 @@ from cifarpipe import atomic, checkpoint, data, engine, split
 from cifarpipe.config import Params, UserError, flatten, load_params, with_overrides
 from cifarpipe.loader import DeviceBatches, channel_stats
 from cifarpipe.models import CourseCNN
-
-
-# The course CNN's fastest settings in our pipeline on a 2-core CPU, from a sweep on the real
-# archive (batch 32-256, lr 1e-3 to 4e-3, crop on/off, label smoothing 0/0.1, patience 0/3):
-# larger batches run more images/s, flip-only augmentation and label smoothing 0.1 help this small
-# net within 10 epochs, and patience 0 cuts the lr as soon as validation stalls (epoch ~5), worth
-# ~3 points at once. Every item is a params.yaml key: `dvc exp run -S ...` reproduces the run.
-# That sweep compared test accuracies (issue 15); `--sweep` repeats such a choice on validation
-# accuracy only, and its winner replaces this list for the run.
-FAST_CNN = ["train.batch_size=128", "train.optimizer.lr=0.003", "train.scheduler.patience=0",
-            "train.augment.crop_padding=0", "train.label_smoothing=0.1"]
 
 
 @dataclass
@@ -304,7 +293,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="params override for all our configurations, like dvc exp run -S (repeatable)")
     ap.add_argument("--fast", action="append", metavar="KEY=VALUE",
-                    help=f"the course CNN's fast recipe instead of the built-in {' '.join(FAST_CNN)}")
+                    help="the course CNN's fast recipe as overrides of params.yaml, instead of recipes/fast.yaml")
     ap.add_argument("--sweep", action="append", metavar="'KEY=VALUE ...'",
                     help="a candidate fast recipe for the course CNN, space-separated overrides (repeatable): "
                          "the candidate with the highest final validation accuracy becomes the fast recipe; "
@@ -320,22 +309,29 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.json"))
     args = ap.parse_args()
 
-    base = with_overrides(load_params(args.params, recipe=args.recipe), args.overrides, "--set")
+    user_overrides = list(args.overrides)
+    base = with_overrides(load_params(args.params, recipe=args.recipe), user_overrides, "--set")
     if args.recipe:  # the commands that reproduce each configuration name it first
         args.overrides = [f"recipe={args.recipe}", *args.overrides]
     if args.sweep and args.fast:
         raise UserError("--fast and --sweep both name the fast recipe: give one of them")
     candidates = {c: with_overrides(base, ["model.name=course_cnn", *c.split()], "--sweep") for c in args.sweep or []}
-    fast = ["model.name=course_cnn", *(args.fast or FAST_CNN)]
     runs = {"ours, course CNN, params.yaml": (["model.name=course_cnn"], "--set")}  # name -> (overrides, flag)
-    if "fast" not in args.skip:
-        runs["ours, course CNN, fast recipe"] = (fast, "--fast")
     if "resnet" not in args.skip:
         for extra in args.resnet or [""]:
             runs[f"ours, cifar_resnet {extra}".strip()] = (["model.name=cifar_resnet", *extra.split()], "--resnet")
     # Every run's params validated before anything is trained, and the command that reproduces it.
     configs = {name: with_overrides(base, overrides, flag) for name, (overrides, flag) in runs.items()}
     commands = {name: exp_run_command([*args.overrides, *overrides]) for name, (overrides, _) in runs.items()}
+    # The fast recipe is recipes/fast.yaml (what `dvc exp run -S recipe=fast` trains), or --fast's overrides.
+    fast = ["model.name=course_cnn", *args.fast] if args.fast else ["recipe=fast"]
+    fast_params = (with_overrides(base, fast, "--fast") if args.fast
+                   else with_overrides(load_params(args.params, recipe="fast"), user_overrides, "--set"))
+    if "fast" not in args.skip:
+        name = "ours, course CNN, fast recipe"
+        first, *rest = configs.items()  # the fast recipe second, after params.yaml's
+        configs = dict([first, (name, fast_params), *rest])
+        commands[name] = exp_run_command([*(args.overrides if args.fast else user_overrides), *fast])
     device = engine.pick_device(args.device)
     arrays = data.arrays_from_archive(args.archive)
     sp = split.make_split(len(arrays.train_labels), base.split.val_fraction, base.split.seed, base.split.method)
@@ -344,8 +340,8 @@ def main() -> None:
         print(f"0. choosing the fast recipe among {len(candidates)} candidates on validation accuracy", flush=True)
         chosen, sweep = choose_recipe(candidates, arrays, sp, device)
         fast = ["model.name=course_cnn", *chosen.split()]
-        if "ours, course CNN, fast recipe" in runs:  # the chosen one is trained again, now with test figures
-            runs["ours, course CNN, fast recipe"] = (fast, "--sweep")
+        fast_params = candidates[chosen]
+        if "ours, course CNN, fast recipe" in configs:  # the chosen one is trained again, now with test figures
             configs["ours, course CNN, fast recipe"] = candidates[chosen]
             commands["ours, course CNN, fast recipe"] = exp_run_command([*args.overrides, *fast])
         print(f"chosen on validation accuracy: {chosen}", flush=True)
@@ -368,7 +364,7 @@ def main() -> None:
         if "tracking" not in args.skip:
             print(f"{len(configs) + 2}. MLflow overhead: the fast recipe, tracking off, on and off again, interleaved", flush=True)
             # The fast recipe: the shortest epochs, so the largest share for the fixed per-epoch logging.
-            params = with_overrides(base, [*fast, f"train.epochs={args.tracking_epochs}"], "--tracking-epochs")
+            params = with_overrides(fast_params, [f"train.epochs={args.tracking_epochs}"], "--tracking-epochs")
             overhead = mlflow_overhead(arrays, sp, params, device, args.tracking_repeats, tmp)
 
     target = results[0].final_accuracy if "course" not in args.skip else None

@@ -157,9 +157,12 @@ def _store_open_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         yield
         return
-    import tempfile
-
-    lock = Path(tempfile.gettempdir()) / f"cifarpipe-store-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+    # Beside the database (`mlflow.db.lock`): it goes wherever the store goes, also a temporary one.
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
+    if not db.parent.is_dir():  # MLflow itself will say that the folder is missing
+        yield
+        return
+    lock = db.with_name(db.name + ".lock")
     with open(lock, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
