@@ -132,5 +132,7 @@ def prepare_image(image) -> np.ndarray:
     if (w, h) != (SIDE, SIDE):
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
-        image = image.resize((SIDE, SIDE), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+        # Crop first: resize(box=...) lets the filter reach pixels outside the box (measured: a
+        # red border bled 32/255 into the edge pixels of a blue square).
+        image = image.crop((left, top, left + side, top + side)).resize((SIDE, SIDE), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8).copy()

@@ -66,12 +66,14 @@ def read_image(path: Path) -> np.ndarray:
 
 def load_predictor(model: str, run: str | None) -> tuple[Callable[[np.ndarray], pd.DataFrame], str]:
     """predict(uint8 images) -> inference.result_table, and a description of the model used."""
-    from cifarpipe import checkpoint, tracking
+    from cifarpipe import checkpoint
     from cifarpipe.config import UserError
 
     if run:
         model = f"runs:/{run}/model"
     if ":/" in model:  # an MLflow model URI: runs:/<id>/model, models:/<name>/<version>, file:/...
+        from cifarpipe import tracking  # imports MLflow (seconds): only when a model comes from it
+
         pyfunc_model = tracking.load_model(model)
         return (lambda images: pd.DataFrame(pyfunc_model.predict(images))), f"MLflow model {model}"
     path = Path(model)
