@@ -288,17 +288,17 @@ def main() -> int:
     faults.hit("finish", p.epochs)
     tensorboard = [(tb_dir / tracking.TENSORBOARD_FILE, f"tensorboard/{tb_dir.name}")] if tb_dir else []
     model_uri = finish_run(tracker, checkpoints=[last_path, best_path], history=args.history, weights=args.weights,
-                           example=model_example(val_x, val_y, mean, std), extra_artifacts=tensorboard)
+                           example=model_example(val_x), extra_artifacts=tensorboard)
     if params.tracking.registered_model and model_uri.startswith(("models:/", "runs:/")):
         tracking.register_model_version(client, params.tracking.registered_model, tracker.run_id, model_uri)
     print(f"done: best val accuracy {best_acc:.4f}; weights {args.weights}; model {model_uri}")
     return 0
 
 
-def model_example(val_x, val_y, mean: list[float], std: list[float]):
-    """Four normalized validation images: the MLflow model's input example (and its signature)."""
-    return next(iter(DeviceBatches(torch.from_numpy(val_x[:4]), torch.from_numpy(val_y[:4]), 4, mean, std,
-                                   shuffle=False).epoch(0)))[0].contiguous().numpy()
+def model_example(val_x):
+    """Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input
+    example, and with its output the model's signature."""
+    return val_x[:4].copy()
 
 
 def finish_run(tracker: tracking.Tracker, *, checkpoints: list[Path], history: Path, weights: Path,

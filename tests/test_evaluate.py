@@ -82,13 +82,14 @@ def test_evaluate_agrees_with_an_independent_computation_and_the_logged_model_wi
     assert per_class["support"].tolist() == counts.sum(1).tolist()  # rows: actual classes
     assert per_class["correct"].tolist() == np.diag(counts).tolist()
 
-    # The MLflow model is the weights file's model: the same logits on the same inputs.
+    # The MLflow model is the weights file's model: on the raw uint8 images, the same logits as the
+    # network on the normalised ones, and evaluate's classes.
     [r] = all_runs(project)
     assert r.data.metrics["test_accuracy"] == metrics["accuracy"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    logged = mlflow.pytorch.load_model(f"runs:/{r.info.run_id}/model", dst_path=str(project / "m"))  # an exported program: no .eval()
-    with torch.no_grad():
-        assert torch.allclose(logged(x), model(x), rtol=0, atol=1e-5)
+    logged = mlflow.pyfunc.load_model(f"runs:/{r.info.run_id}/model", dst_path=str(project / "m"))
+    assert torch.allclose(logged.unwrap_python_model().classifier.logits(images), logits, rtol=0, atol=1e-5)
+    assert logged.predict(images)["class"].tolist() == names[preds].tolist()
 
 
 def test_other_evaluate_params_never_write_into_the_training_run(project):

@@ -5,6 +5,7 @@ import errno
 import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -163,18 +164,13 @@ def test_a_checkpoint_queued_again_before_its_upload_ran_is_uploaded_once_in_its
 
 
 def test_the_model_is_logged_once_however_often_it_is_delivered(tmp_path, monkeypatch):
-    from cifarpipe.config import ModelParams
-    from cifarpipe.models import build_model
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # log_model uses MLflow's fluent API
     client = MlflowClient(uri)
     journal = Pending(tmp_path / "mlflow_pending.json")
     t = Tracker.start(client, "test", None, journal=journal)
-    model = build_model(ModelParams(name="course_cnn", width=64))
-    weights = tmp_path / "model.pt"
-    checkpoint.save_weights(weights, {"model": {"name": "course_cnn", "width": 64}, "state_dict": model.state_dict()})
-    example = torch.zeros(2, 3, 32, 32).numpy()
+    weights = _weights_file(tmp_path / "model.pt")
+    example = np.zeros((2, 32, 32, 3), np.uint8)
     exp_id = client.get_run(t.run_id).info.experiment_id
     # What an upload cut off by an outage leaves: a LoggedModel of the run that never became READY.
     client.create_logged_model(exp_id, name="model", source_run_id=t.run_id)
@@ -186,17 +182,29 @@ def test_the_model_is_logged_once_however_often_it_is_delivered(tmp_path, monkey
 
 
 
+def _weights_file(path, seed: int = 0):
+    """A weights file as the train stage writes it (checkpoint.weights_file), of an untrained course_cnn."""
+    from cifarpipe.config import ModelParams
+    from cifarpipe.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(ModelParams(name="course_cnn", width=64))
+    checkpoint.save_weights(path, {"model": {"name": "course_cnn", "width": 64}, "state_dict": model.state_dict(),
+                                   "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26],
+                                   "classes": [f"class{i}" for i in range(10)]})
+    return path
+
+
 def test_a_model_logged_on_a_gpu_machine_validates_and_loads_there(tmp_path, monkeypatch):
-    """On the H200 every logged model got MLflow's "Failed to validate serving input example ... it
-    can't be loaded on 'cuda' device": MLflow's pyfunc loads on CUDA whenever a GPU is present, and
-    the exported program's weights are on the CPU. A CPU can play that machine: MLflow only asks
-    torch.cuda.is_available() and compares the weights' device type."""
+    """On the H200 every model logged with MLflow's pytorch flavour got "Failed to validate serving
+    input example ... it can't be loaded on 'cuda' device": that pyfunc loads on CUDA whenever a GPU
+    is present. Our model loads on the CPU unless its loader asks otherwise. A CPU can play that
+    machine: what would pick CUDA asks torch.cuda.is_available(), and moving anything to CUDA here fails."""
     import logging
 
     import mlflow
 
-    from cifarpipe.config import ModelParams
-    from cifarpipe.models import build_model
+    from cifarpipe.inference import Classifier
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -213,17 +221,36 @@ def test_a_model_logged_on_a_gpu_machine_validates_and_loads_there(tmp_path, mon
     logging.getLogger("mlflow").addHandler(handler)
     try:
         t = Tracker.start(MlflowClient(uri), "test", None, journal=Pending(tmp_path / "pending.json"))
-        torch.manual_seed(0)
-        model = build_model(ModelParams(name="course_cnn", width=64))
-        example = torch.randn(2, 3, 32, 32).numpy()
-        model_uri = t.log_model(model, example, tmp_path)
+        weights = _weights_file(tmp_path / "model.pt")
+        example = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+        model_uri = t.log_model(weights, example)
     finally:
         logging.getLogger("mlflow").removeHandler(handler)
     assert not [w for w in warnings if "validate serving input example" in w], warnings
-    assert "MLFLOW_DEFAULT_PREDICTION_DEVICE" not in __import__("os").environ  # scoped to the logging
-    # What a user on a GPU machine types (README): the CPU-saved model, predicted on the CPU.
-    loaded = mlflow.pyfunc.load_model(model_uri, model_config={"device": "cpu"})
-    with torch.no_grad():
-        expected = model.eval()(torch.from_numpy(example)).numpy()
-    assert abs(loaded.predict(example) - expected).max() < 1e-5
+    # What a user on a GPU machine types: no device named, the model loads and predicts on the CPU.
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    assert loaded.unwrap_python_model().classifier.device.type == "cpu"
+    expected = Classifier.from_weights(torch.load(weights, weights_only=True)).probabilities(example)
+    got = loaded.predict(example)
+    assert np.abs(got[[f"prob_class{i}" for i in range(10)]].to_numpy() - expected).max() < 1e-6
     t.finish()
+
+
+def test_a_journaled_model_from_before_uint8_inputs_gets_its_example_back_as_images(tmp_path, monkeypatch):
+    """A journal written by the previous version holds the example normalised (float NCHW): it is
+    delivered with the images it was made from."""
+    import base64
+
+    from cifarpipe import tracking
+
+    weights = _weights_file(tmp_path / "model.pt")
+    images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    mean, std = np.array([0.49, 0.48, 0.45]), np.array([0.25, 0.24, 0.26])
+    old = ((images / 255 - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)
+    item = {"run_id": "r", "kind": "model", "weights": str(weights), "sha256": tracking.file_sha256(weights),
+            "example": base64.b64encode(old.tobytes()).decode(), "shape": list(old.shape)}
+    logged = []
+    monkeypatch.setattr(Tracker, "log_model", lambda self, w, example: logged.append((w, example)) or "models:/m")
+    assert tracking._log_model_from_weights(MlflowClient(f"sqlite:///{tmp_path / 'db'}"), "r", item) == "models:/m"
+    [(w, example)] = logged
+    assert w == weights and example.dtype == np.uint8 and (example == images).all()

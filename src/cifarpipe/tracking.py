@@ -33,8 +33,10 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -765,30 +767,48 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def log_model(self, model, input_example, code_dir: Path) -> str:
-        """The final model with signature and input example; `code_dir` ships the model's classes."""
-        import torch
+    def log_model(self, weights: Path, input_example) -> str:
+        """The run's MLflow model: the inference path from uint8 images (N, 32, 32, 3) to class names
+        and probabilities (cifarpipe.pyfunc), with the weights file as its artifact, our package as
+        its code, a signature and `input_example` (real images, uint8) as its example."""
+        import numpy as np
 
-        from mlflow.models import infer_signature
+        import cifarpipe
+        from cifarpipe import checkpoint, pyfunc
 
-        model = model.eval()
-        with torch.no_grad():
-            output = model(torch.from_numpy(input_example)).numpy()
-        signature = infer_signature(input_example, output)
-        # start_run's exit marks the run FINISHED: deliver() logs the model only once everything
-        # journaled before it for this run has landed, and the status item follows it.
-        # MLflow checks the serving example by loading the model as pyfunc, which picks CUDA whenever a
-        # GPU is present and refuses an exported program whose weights are on the CPU ("it can't be
-        # loaded on 'cuda' device": every model logged on an H200 got that warning). The weights are
-        # saved on the CPU so that the model loads anywhere; its check runs there too, unless the
-        # user chose a device for MLflow's predictions.
-        device = os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE") or "cpu"
-        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False), \
-                _environ(MLFLOW_DEFAULT_PREDICTION_DEVICE=device):
-            info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example,
-                                            code_paths=[str(code_dir)],
-                                            pip_requirements=[f"torch=={importlib.metadata.version('torch')}", "numpy"])
+        example = np.ascontiguousarray(input_example, dtype=np.uint8)
+        signature = pyfunc.signature(example, checkpoint.load(Path(weights))["classes"])
+        versions = {name: importlib.metadata.version(name) for name in ("torch", "numpy", "pandas", "pydantic", "pyyaml")}
+        with tempfile.TemporaryDirectory() as tmp:
+            # The package's sources only: no bytecode caches or temporaries in the model.
+            package = Path(tmp) / "cifarpipe"
+            shutil.copytree(Path(cifarpipe.__file__).parent, package,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+            # start_run's exit marks the run FINISHED: deliver() logs the model only once everything
+            # journaled before it for this run has landed, and the status item follows it.
+            with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+                info = mlflow.pyfunc.log_model(name="model", python_model=str(package / "mlflow_model.py"),
+                                               artifacts={pyfunc.WEIGHTS_ARTIFACT: str(weights)},
+                                               model_config={"device": "cpu"},  # a loader may override it
+                                               code_paths=[str(package)], signature=signature, input_example=example,
+                                               pip_requirements=[f"{n}=={v}" for n, v in versions.items()])
         return info.model_uri
+
+
+def load_model(uri: str):
+    """The MLflow model at `uri` (runs:/<id>/model, models:/<name>/<version>, a folder) as pyfunc,
+    predicting on the CPU. UserError, with the URI, for a missing store, run, model or version."""
+    store = tracking_uri()
+    if store.startswith("sqlite:///") and uri.startswith(("runs:/", "models:/")):
+        db = Path(store.removeprefix("sqlite:///"))
+        if not db.is_file():  # MLflow would create an empty store here; say what is missing instead
+            raise UserError(f"no MLflow store at {db} ({store}): run this command in the repository root, "
+                            "or set MLFLOW_TRACKING_URI")
+    try:
+        with _fail_fast_http():
+            return mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
+    except Exception as e:
+        raise UserError(f"could not load the MLflow model {uri} from {store} ({_short(e)})") from None
 
 
 # ------------------------------------------------------------ TensorBoard (tracking.tensorboard)
@@ -942,11 +962,13 @@ class Pending:
                   "sha256": file_sha256(path)})
 
     def add_model(self, run_id: str, weights: Path, input_example) -> None:
+        """The MLflow model to log from `weights`, with `input_example`: uint8 images (N, 32, 32, 3)."""
         import numpy as np
 
-        example = np.ascontiguousarray(input_example, dtype=np.float32)
+        example = np.ascontiguousarray(input_example, dtype=np.uint8)
         self.add({"run_id": run_id, "kind": "model", "weights": str(weights), "sha256": file_sha256(weights),
-                  "example": base64.b64encode(example.tobytes()).decode(), "shape": list(example.shape)})
+                  "example": base64.b64encode(example.tobytes()).decode(), "shape": list(example.shape),
+                  "dtype": "uint8"})
 
     def add_evaluation(self, run_id: str, params: dict[str, Any], metrics: dict[str, float], artifacts: list[Path],
                        artifact_path: str = "evaluation", n_test: int = 0) -> None:
@@ -1066,16 +1088,17 @@ def _log_model_once(client: MlflowClient, run_id: str, item: dict[str, Any]) -> 
 def _log_model_from_weights(client: MlflowClient, run_id: str, item: dict[str, Any]) -> str:
     import numpy as np
 
-    import cifarpipe
-    from cifarpipe import checkpoint
-    from cifarpipe.config import ModelParams
-    from cifarpipe.models import build_model
+    raw = base64.b64decode(item["example"])
+    if item.get("dtype") == "uint8":
+        example = np.frombuffer(raw, dtype=np.uint8).reshape(item["shape"]).copy()
+    else:  # journaled before the model took uint8 images: normalised float NCHW; undo the normalisation
+        from cifarpipe import checkpoint
 
-    weights = checkpoint.load(Path(item["weights"]))
-    model = build_model(ModelParams(**weights["model"]))
-    model.load_state_dict(weights["state_dict"])
-    example = np.frombuffer(base64.b64decode(item["example"]), dtype=np.float32).reshape(item["shape"]).copy()
-    return Tracker(client, run_id).log_model(model, example, Path(cifarpipe.__file__).parent)
+        weights = checkpoint.load(Path(item["weights"]))
+        x = np.frombuffer(raw, dtype=np.float32).reshape(item["shape"]).transpose(0, 2, 3, 1)
+        pixels = (x * np.array(weights["std"]) + np.array(weights["mean"])) * 255
+        example = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    return Tracker(client, run_id).log_model(Path(item["weights"]), example)
 
 
 def evaluation_params_key(params: dict[str, str]) -> str:

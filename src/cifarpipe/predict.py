@@ -1,0 +1,168 @@
+"""Classify image files with a trained model: a table of file, class and probability.
+
+    python -m cifarpipe.predict cat.png dog.jpg                 # the workspace's model: outputs/model.pt
+    python -m cifarpipe.predict --run <run id> photos/          # the model an MLflow run logged
+    python -m cifarpipe.predict --model models:/cifar10-classifier/3 *.png --csv predictions.csv
+
+The images go through the model's own inference path (cifarpipe.inference, which the MLflow model
+wraps): normalised with the run's training mean and std. A file that can't be read is reported
+with its reason and the others are still classified; the exit status is then 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cifarpipe import inference
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder argument expands to (any case)
+SOME_FAILED_EXIT = 1  # some files could not be classified (the rest were)
+
+
+@dataclass
+class Failure:
+    file: str
+    reason: str
+
+
+def expand(paths: Sequence[Path]) -> tuple[list[Path], list[Failure]]:
+    """Files as given; a folder becomes its PNG and JPEG files (sorted, not recursive)."""
+    files, failures = [], []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files += found
+            if not found:
+                failures.append(Failure(str(path), f"a folder with no {'/'.join(IMAGE_SUFFIXES)} files"))
+        else:
+            files.append(path)
+    return files, failures
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A PNG or JPEG file -> uint8 (32, 32, 3) by inference.prepare_image's rule. Raises ValueError
+    with a reason a user can act on."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path, formats=["PNG", "JPEG"]) as image:
+            image.load()  # decode now: a truncated or corrupt file fails here, not later
+            return inference.prepare_image(image)
+    except FileNotFoundError:
+        raise ValueError("no such file") from None
+    except UnidentifiedImageError:
+        raise ValueError("not a PNG or JPEG image (or a corrupt one)") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"refused: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for damaged data
+        raise ValueError(f"unreadable image ({type(e).__name__}: {e})") from None
+
+
+def load_predictor(model: str, run: str | None) -> tuple[Callable[[np.ndarray], pd.DataFrame], str]:
+    """predict(uint8 images) -> inference.result_table, and a description of the model used."""
+    from cifarpipe import checkpoint
+    from cifarpipe.config import UserError
+
+    if run:
+        model = f"runs:/{run}/model"
+    if ":/" in model:  # an MLflow model URI: runs:/<id>/model, models:/<name>/<version>, file:/...
+        from cifarpipe import tracking  # imports MLflow (seconds): only when a model comes from it
+
+        pyfunc_model = tracking.load_model(model)
+        return (lambda images: pd.DataFrame(pyfunc_model.predict(images))), f"MLflow model {model}"
+    path = Path(model)
+    try:
+        weights = checkpoint.load(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such weights file; train one (`dvc repro`), or name a model with --model "
+                        "or --run") from None
+    try:
+        classifier = inference.Classifier.from_weights(weights)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: {e}") from None
+    return classifier.predict, f"weights file {path}"
+
+
+def classify(files: Sequence[Path], predict: Callable[[np.ndarray], pd.DataFrame]
+             ) -> tuple[pd.DataFrame, list[Failure]]:
+    """The result table of the readable files (a `file` column first), and the files that failed."""
+    images, good, failures = [], [], []
+    for path in files:
+        try:
+            images.append(read_image(path))
+            good.append(str(path))
+        except ValueError as e:
+            failures.append(Failure(str(path), str(e)))
+    table = predict(np.stack(images)) if images else None
+    if table is None:
+        return pd.DataFrame({"file": []}), failures
+    table = table.reset_index(drop=True)
+    table.insert(0, "file", good)
+    return table, failures
+
+
+def csv_table(table: pd.DataFrame, failures: Sequence[Failure]) -> pd.DataFrame:
+    """Every file, classified or not: the result columns, then `error` (empty when classified)."""
+    failed = pd.DataFrame({"file": [f.file for f in failures], "error": [f.reason for f in failures]})
+    out = pd.concat([table.assign(error=""), failed], ignore_index=True)
+    if "class_index" in out:
+        out["class_index"] = out["class_index"].astype("Int64")  # integers, empty for failed files (not 3.0)
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m cifarpipe.predict", description=__doc__.splitlines()[0],
+        epilog=f"Images of any size are made 32x32 the same way for every user: {inference.RESIZE_RULE}. "
+               "Exit status: 0 all files classified, 1 some could not be read (the rest are classified), "
+               "2 no usable model. Store for --run and models:/ URIs: MLFLOW_TRACKING_URI, else ./mlflow.db.")
+    ap.add_argument("files", nargs="+", type=Path, help="PNG or JPEG files, or folders of them")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--model", default="outputs/model.pt",
+                       help="a weights file (default: outputs/model.pt, the workspace's) or an MLflow model URI "
+                            "(runs:/<run id>/model, models:/<name>/<version>)")
+    which.add_argument("--run", help="an MLflow run id: the model that run logged (= --model runs:/<id>/model)")
+    ap.add_argument("--csv", type=Path, help="also write every file's row as CSV: file, class, probability, the "
+                                             "ten class probabilities, error")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cifarpipe import atomic
+
+    args = parser().parse_args(argv)
+    predict, described = load_predictor(args.model, args.run)
+    files, failures = expand(args.files)
+    table, failed = classify(files, predict)
+    failures += failed
+    print(f"{len(table)} image(s) classified with the {described}")
+    if len(table):
+        shown = table[["file", "class", "probability"]].copy()
+        shown["probability"] = [f"{p:.4f}" for p in shown["probability"]]
+        print(shown.to_string(index=False))
+    for f in failures:
+        print(f"error: {f.file}: {f.reason}", file=sys.stderr)
+    if args.csv:
+        atomic.write_text(args.csv, csv_table(table, failures).to_csv(index=False))
+        print(f"table -> {args.csv}")
+    if failures:
+        print(f"{len(failures)} file(s) not classified", file=sys.stderr)
+        return SOME_FAILED_EXIT
+    return 0
+
+
+def cli() -> None:
+    """The console entry point: a UserError (no model, no store) prints one line and exits 2."""
+    from cifarpipe.cli import run_stage
+
+    run_stage(main)
+
+
+if __name__ == "__main__":
+    cli()
