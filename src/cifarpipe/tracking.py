@@ -795,15 +795,21 @@ class Tracker:
         return info.model_uri
 
 
+def _require_store_file(uri: str, hint: str) -> None:
+    """A reading command on a SQLite store that isn't there: MLflow would create an empty one; say
+    what is missing instead."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise UserError(f"no MLflow store at {db} ({uri}): {hint}")
+
+
 def load_model(uri: str):
     """The MLflow model at `uri` (runs:/<id>/model, models:/<name>/<version>, a folder) as pyfunc,
     predicting on the CPU. UserError, with the URI, for a missing store, run, model or version."""
     store = tracking_uri()
-    if store.startswith("sqlite:///") and uri.startswith(("runs:/", "models:/")):
-        db = Path(store.removeprefix("sqlite:///"))
-        if not db.is_file():  # MLflow would create an empty store here; say what is missing instead
-            raise UserError(f"no MLflow store at {db} ({store}): run this command in the repository root, "
-                            "or set MLFLOW_TRACKING_URI")
+    if uri.startswith(("runs:/", "models:/")):
+        _require_store_file(store, "run this command in the repository root, or set MLFLOW_TRACKING_URI")
     try:
         with _fail_fast_http():
             return mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
@@ -874,11 +880,8 @@ def read_runs(experiment: str | None, filter_string: str = "", max_runs: int = 1
     `filter_string`. UserError, with the URI, for a store that is missing or does not answer,
     an unknown experiment or a filter MLflow rejects."""
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        if not db.is_file():  # MLflow would create an empty store here; say what is missing instead
-            raise UserError(f"no MLflow store at {db} ({uri}): run the pipeline first (`dvc repro`), run this "
-                            "command in the repository root, or set MLFLOW_TRACKING_URI")
+    _require_store_file(uri, "run the pipeline first (`dvc repro`), run this command in the repository root, "
+                             "or set MLFLOW_TRACKING_URI")
     try:
         with _fail_fast_http():
             client = MlflowClient(uri)
