@@ -78,12 +78,12 @@ def main() -> int:
     for stale in atomic.remove_stale_temporaries(job_dir):
         print(f"removed {stale.name}, left by an interrupted write")
     last_path, best_path = job_dir / "last.pt", job_dir / "best.pt"
-    resume, notes = checkpoint.resume_point(job_dir)  # an unreadable checkpoint is set aside, never a dead end
+    resume, resume_path, notes = checkpoint.resume_point(job_dir)  # an unreadable one is set aside, never a dead end
     for note in notes:
         print(note)
     mlflow_project_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run .` created for this job
     if resume and resume["complete"] and mlflow_project_run not in (None, resume["mlflow_run_id"]):
-        print(f"{last_path}: this training finished in MLflow run {resume['mlflow_run_id']}; "
+        print(f"{resume_path}: this training finished in MLflow run {resume['mlflow_run_id']}; "
               f"`mlflow run` created run {mlflow_project_run} for a new one, so it trains again")
         resume = None
     journal = tracking.Pending(tracking.journal_path(args.run_id))  # what the store did not take yet
@@ -131,10 +131,10 @@ def main() -> int:
         carried_seconds = resume["epoch_seconds_so_far"] if progress.step else 0.0
         run_id = resume["mlflow_run_id"]
         if start_epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
-            print(f"{last_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
+            print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
                   f"{run_id} from it (no retraining)")
         else:
-            print(f"resuming from {last_path}: epoch {start_epoch + 1}, batch {progress.step} of {steps_per_epoch}")
+            print(f"resuming from {resume_path}: epoch {start_epoch + 1}, batch {progress.step} of {steps_per_epoch}")
 
     # Runs this workspace left RUNNING: a job killed before its first checkpoint is continued in
     # its own run (it logged no epoch yet, and training from the seed redoes exactly its work);

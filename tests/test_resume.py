@@ -252,7 +252,8 @@ def test_an_unreadable_last_checkpoint_is_set_aside_and_training_resumes_from_be
     resumed = run(["dvc", "repro"], project).stdout
     aside = [p.name for p in folder.iterdir() if p.name.startswith("last.pt.unreadable-")]
     assert len(aside) == 1 and "set aside as" in resumed and aside[0] in resumed, resumed
-    assert "not a readable checkpoint" in resumed and "resuming from" in resumed and "best.pt (epoch 1)" in resumed
+    assert "not a readable checkpoint" in resumed and "best.pt (epoch 1) is the newest readable checkpoint" in resumed
+    assert f"resuming from {folder.relative_to(project)}/best.pt: epoch 2, batch 0" in resumed
     assert_same_as_uninterrupted(project, done)
 
 
@@ -261,10 +262,10 @@ def test_with_no_readable_checkpoint_left_training_starts_fresh(tmp_path):
 
     (tmp_path / "last.pt").write_bytes(b"\x80garbage")
     torch.save({"epoch": 1}, tmp_path / "best.pt")  # loads, but is no checkpoint of this pipeline
-    resume, notes = checkpoint.resume_point(tmp_path)
-    assert resume is None and "starts from the beginning" in notes[-1]
+    resume, path, notes = checkpoint.resume_point(tmp_path)
+    assert resume is None and path is None and "starts from the beginning" in notes[-1]
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["best.pt.unreadable", "last.pt.unreadable"]
-    assert checkpoint.resume_point(tmp_path) == (None, [])  # nothing left to try: a plain fresh start
+    assert checkpoint.resume_point(tmp_path) == (None, None, [])  # nothing left to try: a plain fresh start
 
 
 # The course's basic loop with a warm-up: SGD (Nesterov momentum), epochs 1-2 of 3 warming up from

@@ -96,8 +96,8 @@ _RESUME_KEYS = ("epoch", "model_state_dict", "optimizer_state_dict", "scheduler_
                 "history", "best_val_accuracy", "rng", "mlflow_run_id", "complete")
 
 
-def resume_point(job_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
-    """The checkpoint to resume the job from, and what was done to get it (messages for the user).
+def resume_point(job_dir: Path) -> tuple[dict[str, Any] | None, Path | None, list[str]]:
+    """The checkpoint to resume the job from, its file, and what was done to get it (messages for the user).
 
     `last.pt` first, else `best.pt` (saved at an epoch boundary with the same full state, so resuming
     from it replays the later epochs exactly). A file that does not load (a truncated copy, a disk
@@ -121,11 +121,11 @@ def resume_point(job_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
             notes.append(f"{e}\n  -> set aside as {aside} (kept, not deleted)")
             continue
         if notes:
-            notes.append(f"resuming from {path} (epoch {ckpt['epoch']}), the newest readable checkpoint")
-        return ckpt, notes
+            notes.append(f"{path} (epoch {ckpt['epoch']}) is the newest readable checkpoint")
+        return ckpt, path, notes
     if notes:
         notes.append("no readable checkpoint is left: training starts from the beginning")
-    return None, notes
+    return None, None, notes
 
 
 def weights_file(model: torch.nn.Module, params: Params, mean: list[float], std: list[float],
