@@ -7,7 +7,7 @@ import json
 import shutil
 import sys
 
-import mlflow
+from mlflow.tracking import MlflowClient
 import pytest
 import yaml
 
@@ -74,8 +74,10 @@ def test_the_sgd_recipe_is_the_courses_basic_loop():
 
 
 def _runs(project):
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    return sorted(mlflow.search_runs(experiment_names=["cifar10"], output_format="list"),
+    # A client of its own: mlflow.set_tracking_uri() here would outlive the test and send later
+    # tests' fluent calls (MLflow's log_model, pyfunc.load_model) to this project's store.
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    return sorted(client.search_runs([client.get_experiment_by_name("cifar10").experiment_id]),
                   key=lambda r: r.info.start_time)
 
 
