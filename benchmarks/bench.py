@@ -174,8 +174,6 @@ def _our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, params: 
     test_b = DeviceBatches(torch.from_numpy(arrays.test_images).to(device), torch.from_numpy(arrays.test_labels),
                            1000, mean, std, shuffle=False)
     setup = engine.build_training(params.model, p, device)
-    model, step_model, optimizer, scheduler = setup.model, setup.step_model, setup.optimizer, setup.scheduler
-    loss_fn, amp = setup.loss_fn, setup.amp
     result = Result(name)
 
     tracker = None
@@ -190,49 +188,72 @@ def _our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, params: 
         tracker.log_start(flatten(params), {}, tracking.requirements_text())
         result.extra["tracking_setup_seconds"] = time.perf_counter() - t_setup  # once per run, before epoch 1
 
-    tracking_seconds = 0.0
-    deadline = time.perf_counter() + max_seconds if max_seconds else None
-    for epoch in range(p.epochs):
-        sync(device)
-        t0 = time.perf_counter()
-        stop = (lambda: time.perf_counter() > deadline) if deadline else (lambda: False)
-        scheduler.start_epoch(epoch)
-        progress = engine.train_one_epoch(step_model, train_b.epoch(epoch), optimizer, loss_fn, amp=amp, should_stop=stop)
-        val = engine.evaluate(step_model, val_b.epoch(0), amp=amp)
-        scheduler.end_epoch(epoch, val)
-        checkpoint.save(ckpt_path, {"epoch": epoch + 1, "step": 0, "model_state_dict": model.state_dict(),
-                                    "optimizer_state_dict": optimizer.state_dict(),
-                                    "scheduler_state_dict": scheduler.state_dict()})
-        if tracker:
-            t_log = time.perf_counter()
-            tracker.queue_history([{"epoch": epoch + 1, "train_loss": progress.loss, "train_accuracy": progress.accuracy,
-                                    "val_loss": val.loss, "val_accuracy": val.accuracy,
-                                    "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": 0.0,
-                                    "images_per_second": 0.0}])
-            tracker.log_artifact(ckpt_path, "checkpoints", background=True)
-            tracking_seconds += time.perf_counter() - t_log
-        sync(device)
-        result.train_seconds += time.perf_counter() - t0
-        result.train_images += progress.seen
-        row = {"epoch": epoch + 1, "train_seconds": result.train_seconds, "val_accuracy": val.accuracy}
-        if test:
-            row["test_accuracy"] = engine.evaluate(step_model, test_b.epoch(0), amp=amp,
-                                                   tta_flip=params.evaluate.tta_flip).accuracy
-        result.epochs.append(row)
-        print(f"  {name} epoch {epoch + 1}: {result.train_seconds:7.1f} s, val acc {val.accuracy:.4f}"
-              + (f", test acc {row['test_accuracy']:.4f}" if test else ""), flush=True)
-        if deadline and time.perf_counter() > deadline:
-            result.extra["stopped_after_seconds"] = max_seconds
-            break
+    hooks = BenchHooks(name, result, setup, device, ckpt_path, tracker, val_b, test_b if test else None,
+                       params.evaluate.tta_flip, max_seconds)
+    # The train stage's loop (engine.fit): the benchmark times what the stage runs.
+    engine.fit(setup, engine.TrainState(), p.epochs, train_b.epoch, lambda: val_b.epoch(0), len(train_b), hooks)
+    if hooks.stopped:
+        result.extra["stopped_after_seconds"] = max_seconds
     if tracker:
         t_log = time.perf_counter()
         tracker.drain()
         tracker.finish()
-        tracking_seconds += time.perf_counter() - t_log
+        hooks.tracking_seconds += time.perf_counter() - t_log
         result.train_seconds += time.perf_counter() - t_log  # waiting for the last epoch's log counts
-        result.extra["tracking_main_thread_seconds"] = tracking_seconds
+        result.extra["tracking_main_thread_seconds"] = hooks.tracking_seconds
         result.extra["tracking_background_cpu_seconds"] = tracker.background_cpu_seconds
     return result
+
+
+class BenchHooks(engine.LoopHooks):
+    """Times each epoch (training, validation, the per-epoch checkpoint and, when on, MLflow logging),
+    then evaluates the test set outside the timed part; stops at the time budget."""
+
+    def __init__(self, name: str, result: Result, setup: engine.TrainingSetup, device: torch.device, ckpt_path: Path,
+                 tracker, val_b: DeviceBatches, test_b: DeviceBatches | None, tta_flip: bool,
+                 max_seconds: float | None) -> None:
+        self.name, self.result, self.setup, self.device, self.ckpt_path = name, result, setup, device, ckpt_path
+        self.tracker, self.val_b, self.test_b, self.tta_flip = tracker, val_b, test_b, tta_flip
+        self.deadline = time.perf_counter() + max_seconds if max_seconds else None
+        self.tracking_seconds, self.stopped, self.t0 = 0.0, False, 0.0
+
+    def epoch_started(self, epoch: int, state: engine.TrainState) -> None:
+        sync(self.device)
+        self.t0 = time.perf_counter()
+
+    def stop_requested(self, inside_epoch: bool) -> bool:
+        self.stopped = self.stopped or bool(self.deadline and time.perf_counter() > self.deadline)
+        return self.stopped
+
+    def stopped_in_epoch(self, state: engine.TrainState) -> None:
+        # The budget ran out inside an epoch: validate what was trained (timed), as an epoch's end does.
+        val = engine.evaluate(self.setup.eval_model, self.val_b.epoch(0), amp=self.setup.amp)
+        self._finish_epoch({"epoch": state.epoch + 1, "val_accuracy": val.accuracy}, state.progress.seen)
+
+    def epoch_finished(self, state: engine.TrainState, row: dict[str, float], improved: bool) -> None:
+        s = self.setup
+        checkpoint.save(self.ckpt_path, {"epoch": state.epoch, "step": 0, "model_state_dict": s.model.state_dict(),
+                                         "optimizer_state_dict": s.optimizer.state_dict(),
+                                         "scheduler_state_dict": s.scheduler.state_dict()})
+        if self.tracker:
+            t_log = time.perf_counter()
+            self.tracker.queue_history([{**row, "epoch_seconds": 0.0, "images_per_second": 0.0}])
+            self.tracker.log_artifact(self.ckpt_path, "checkpoints", background=True)
+            self.tracking_seconds += time.perf_counter() - t_log
+        self._finish_epoch(row, row["images_per_second"] * row["epoch_seconds"])
+
+    def _finish_epoch(self, row: dict[str, float], images: float) -> None:
+        sync(self.device)
+        r = self.result
+        r.train_seconds += time.perf_counter() - self.t0
+        r.train_images += round(images)
+        out = {"epoch": row["epoch"], "train_seconds": r.train_seconds, "val_accuracy": row["val_accuracy"]}
+        if self.test_b is not None:  # not timed
+            out["test_accuracy"] = engine.evaluate(self.setup.eval_model, self.test_b.epoch(0), amp=self.setup.amp,
+                                                   tta_flip=self.tta_flip).accuracy
+        r.epochs.append(out)
+        print(f"  {self.name} epoch {row['epoch']}: {r.train_seconds:7.1f} s, val acc {row['val_accuracy']:.4f}"
+              + (f", test acc {out['test_accuracy']:.4f}" if "test_accuracy" in out else ""), flush=True)
 
 
 def mlflow_overhead(arrays: data.Cifar10Arrays, sp: split.Split, params: Params, device: torch.device, repeats: int,

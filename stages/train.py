@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from cifarpipe import atomic, checkpoint, data, engine, faults, split, tracking
+from cifarpipe import atomic, checkpoint, data, distributed, engine, faults, split, tracking
 from cifarpipe.cli import run_stage, stage_parser
 from cifarpipe.config import UserError, flatten, load_params, recipe_changes
 from cifarpipe.loader import DeviceBatches, channel_stats, dataloader_batches
@@ -60,82 +61,148 @@ def main() -> int:
     args = ap.parse_args()
     params = load_params(args.params)
     p = params.train
-    if changes := recipe_changes(args.params):  # the values in force where they differ from params.yaml's
-        print(f"recipe {params.recipe}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()), flush=True)
-    flat = flatten(params)
     device = engine.pick_device(p.device)
-    client = tracking.connect()  # an unreachable store fails here, before any work
+    if not distributed.under_torchrun():
+        if changes := recipe_changes(args.params):  # the values in force where they differ from params.yaml's
+            print(f"recipe {params.recipe}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()),
+                  flush=True)
+        if p.nproc_per_node > 1:  # this same command, once per process, under torchrun (one node)
+            check_world(p, p.nproc_per_node, device)
+            cmd = distributed.launch_command(p.nproc_per_node, __file__, sys.argv[1:])
+            print(f"train.nproc_per_node = {p.nproc_per_node}: {shlex.join(cmd)}", flush=True)
+            os.execv(cmd[0], cmd)  # the same process: `dvc repro`'s signals and exit code go through torchrun
+    group = distributed.start(device.type)
+    try:
+        if group.active:
+            if group.local_world_size != p.nproc_per_node:
+                raise UserError(f"torchrun started {group.local_world_size} processes per node but params.yaml has "
+                                f"train.nproc_per_node = {p.nproc_per_node}: set it to {group.local_world_size} "
+                                "so the run records what ran")
+            check_world(p, group.world_size, device)
+            if device.type == "cuda":
+                device = torch.device("cuda", group.local_rank)
+        return train(args, params, device, group)
+    finally:
+        group.close()
 
-    arrays = data.load_arrays(args.data)
-    split_text = args.split.read_text()
-    sp = split.from_json(split_text)
-    split_hash = split.split_hash(split_text)
-    fingerprint = checkpoint.fingerprint(flat, params.data.md5, split_hash, checkpoint.code_digest(TRAINING_CODE))
 
-    # One folder per job (params + data + code): experiments never overwrite each other's checkpoints.
-    job_dir = args.checkpoint_dir / fingerprint
-    job_dir.mkdir(parents=True, exist_ok=True)
-    for stale in atomic.remove_stale_temporaries(job_dir):
-        print(f"removed {stale.name}, left by an interrupted write")
-    last_path, best_path = job_dir / "last.pt", job_dir / "best.pt"
-    resume, resume_path, notes = checkpoint.resume_point(job_dir)  # an unreadable one is set aside, never a dead end
-    for note in notes:
-        print(note)
-    mlflow_project_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run .` created for this job
-    if resume and resume["complete"] and mlflow_project_run not in (None, resume["mlflow_run_id"]):
-        print(f"{resume_path}: this training finished in MLflow run {resume['mlflow_run_id']}; "
-              f"`mlflow run` created run {mlflow_project_run} for a new one, so it trains again")
-        resume = None
-    journal = tracking.Pending(tracking.journal_path(args.run_id))  # what the store did not take yet
+def check_world(p, world_size: int, device: torch.device) -> None:
+    """What several processes need, checked before any of them starts."""
+    if p.batch_size % world_size:
+        raise UserError(f"params.yaml: train.batch_size = {p.batch_size} does not split evenly over {world_size} "
+                        f"processes (train.nproc_per_node x nodes): it is the batch of all of them together")
+    if p.loader != "device":
+        raise UserError(f"params.yaml: train.loader = {p.loader!r}: several processes need loader: device")
+    if not p.drop_last:
+        raise UserError("params.yaml: train.drop_last = false: several processes need drop_last: true "
+                        "(an incomplete last batch would give some processes no images)")
+    if device.type == "cuda" and p.nproc_per_node > torch.cuda.device_count():
+        raise UserError(f"params.yaml: train.nproc_per_node = {p.nproc_per_node}, but this machine has "
+                        f"{torch.cuda.device_count()} GPU(s): one process per GPU")
+    if device.type == "mps":
+        raise UserError("params.yaml: train.nproc_per_node > 1 needs CUDA (NCCL) or the CPU (gloo), not MPS")
 
-    # ---- model, optimizer, scheduler (the course's recipe; values from params.yaml)
-    setup = engine.build_training(params.model, p, device)
-    model, step_model, optimizer, scheduler = setup.model, setup.step_model, setup.optimizer, setup.scheduler
-    loss_fn, amp = setup.loss_fn, setup.amp
 
-    # ---- data: the training part of the split, resident on the device
-    train_x, train_y = arrays.train_images[sp.train], arrays.train_labels[sp.train]
-    val_x, val_y = arrays.train_images[sp.val], arrays.train_labels[sp.val]
-    if p.drop_last and p.batch_size > len(train_y):
-        raise UserError(f"params.yaml: train.batch_size = {p.batch_size}: larger than the {len(train_y)} "
-                        "training images, so there is no full batch (train.drop_last is true)")
-    mean, std = channel_stats(train_x)
-    val_batches = DeviceBatches(torch.from_numpy(val_x).to(device), torch.from_numpy(val_y), params.evaluate.batch_size,
-                                mean, std, augment=None, shuffle=False)
-    if p.loader == "device":
-        train_batches = DeviceBatches(torch.from_numpy(train_x).to(device), torch.from_numpy(train_y), p.batch_size,
-                                      mean, std, p.augment, seed=p.seed, drop_last=p.drop_last)
-        steps_per_epoch = len(train_batches)
+class StageHooks(engine.LoopHooks):
+    """The train stage's side of the epoch loop: progress bar, stop requests, and on rank 0 the
+    checkpoints, history file and MLflow logging after every epoch."""
 
-        def epoch_batches(epoch: int, start_step: int):
-            return train_batches.epoch(epoch, start_step)
-    else:  # the course's DataLoader path, the baseline; resumes at epoch boundaries only
-        steps_per_epoch = len(train_y) // p.batch_size if p.drop_last else -(-len(train_y) // p.batch_size)
+    def __init__(self, stop: StopRequest, steps_per_epoch: int, epochs: int, *, mid_epoch: bool,
+                 save: "Saver | None") -> None:
+        self.stop, self.steps_per_epoch, self.epochs, self.mid_epoch = stop, steps_per_epoch, epochs, mid_epoch
+        self.save = save  # rank 0: Saver; other processes: None (they write nothing)
+        self.bar: tqdm | None = None
 
-        def epoch_batches(epoch: int, start_step: int):
-            loader = dataloader_batches(train_x, train_y, p.batch_size, mean, std, p.augment, p.seed, epoch,
-                                        num_workers=p.num_workers, drop_last=p.drop_last)
-            return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
+    def epoch_started(self, epoch: int, state: engine.TrainState) -> None:
+        if self.save:
+            self.bar = tqdm(total=self.steps_per_epoch, initial=state.progress.step,
+                            desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch", leave=False, mininterval=0.5)
 
-    # ---- resume or start
-    start_epoch, history, best_acc, progress, carried_seconds, run_id = 0, [], -1.0, engine.EpochProgress(), 0.0, None
-    if resume:
-        model.load_state_dict(resume["model_state_dict"])
-        optimizer.load_state_dict(resume["optimizer_state_dict"])
-        scheduler.load_state_dict(resume["scheduler_state_dict"])
-        checkpoint.restore_rng_state(resume["rng"], device)
-        start_epoch, history, best_acc = resume["epoch"], resume["history"], resume["best_val_accuracy"]
-        progress = engine.EpochProgress(**resume["epoch_progress"])
-        if p.loader == "dataloader" and progress.step:
-            progress = engine.EpochProgress()  # DataLoader order can't be replayed mid-epoch: redo the epoch
-        carried_seconds = resume["epoch_seconds_so_far"] if progress.step else 0.0
-        run_id = resume["mlflow_run_id"]
-        if start_epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
-            print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
-                  f"{run_id} from it (no retraining)")
-        else:
-            print(f"resuming from {resume_path}: epoch {start_epoch + 1}, batch {progress.step} of {steps_per_epoch}")
+    def step_done(self, epoch: int, step: int) -> None:
+        if self.bar:
+            self.bar.update(1)
+        faults.hit("step", epoch + 1, step)
 
+    def stop_requested(self, inside_epoch: bool) -> bool:
+        # The DataLoader path can't replay half an epoch: it stops at the end of the epoch instead.
+        return self.stop.requested and (self.mid_epoch or not inside_epoch)
+
+    def _close_bar(self) -> None:
+        if self.bar:
+            self.bar.close()
+            self.bar = None
+
+    def stopped_in_epoch(self, state: engine.TrainState) -> None:
+        self._close_bar()
+        if self.save:
+            self.save.interrupted(state)
+
+    def validation_started(self, epoch: int) -> None:
+        self._close_bar()
+        faults.hit("validation", epoch + 1)
+
+    def epoch_finished(self, state: engine.TrainState, row: dict[str, float], improved: bool) -> None:
+        if not self.save:
+            return
+        self.save.epoch(state, row, improved)
+        print(f"epoch {state.epoch:3d}/{self.epochs}  train loss {row['train_loss']:.4f}  val loss "
+              f"{row['val_loss']:.4f}  val acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  "
+              f"{row['epoch_seconds']:6.1f} s  {row['images_per_second']:8.0f} img/s", flush=True)
+
+
+class Saver:
+    """Rank 0's record of the training: checkpoints (best first, then last), the history file,
+    TensorBoard and the MLflow metrics of every epoch."""
+
+    def __init__(self, tracker: tracking.Tracker, model, optimizer, scheduler, device: torch.device, seed: int,
+                 fingerprint: str, model_name: str, last_path: Path, best_path: Path, history_path: Path,
+                 tb_dir: Path | None, already_logged: dict[str, set[int]]) -> None:
+        self.tracker, self.model, self.optimizer, self.scheduler, self.device = tracker, model, optimizer, scheduler, device
+        self.seed, self.fingerprint, self.model_name = seed, fingerprint, model_name
+        self.last_path, self.best_path, self.history_path, self.tb_dir = last_path, best_path, history_path, tb_dir
+        self.already_logged = already_logged
+
+    def checkpoint(self, state: engine.TrainState, complete: bool = False) -> dict:
+        """The course's checkpoint dict, plus what an exact resume needs (see checkpoint.py)."""
+        return {"epoch": state.epoch, "model_state_dict": self.model.state_dict(),
+                "optimizer_state_dict": self.optimizer.state_dict(),
+                "scheduler_state_dict": self.scheduler.state_dict(),
+                "loss": state.history[-1]["train_loss"] if state.history else float("nan"),
+                "step": state.progress.step, "epoch_progress": vars(state.progress).copy(),
+                "epoch_seconds_so_far": state.seconds,
+                "history": state.history, "best_val_accuracy": state.best_val_accuracy,
+                "rng": checkpoint.rng_state(self.device),
+                # Data order and augmentation of epoch e are drawn from a generator seeded with
+                # epoch_seed(train.seed, e): this seed regenerates the whole stream of any epoch.
+                "data_rng_seed": self.seed,
+                "mlflow_run_id": self.tracker.run_id, "fingerprint": self.fingerprint, "complete": complete,
+                "model_name": self.model_name}
+
+    def interrupted(self, state: engine.TrainState) -> None:
+        checkpoint.save(self.last_path, self.checkpoint(state))
+
+    def epoch(self, state: engine.TrainState, row: dict[str, float], improved: bool) -> None:
+        ckpt = self.checkpoint(state)
+        if improved:  # best first: a kill between the two writes then just redoes this epoch
+            checkpoint.save(self.best_path, ckpt)
+        checkpoint.save(self.last_path, ckpt)
+        faults.hit("after_checkpoint", state.epoch)
+        atomic.write_text(self.history_path, pd.DataFrame(state.history).to_csv(index=False))
+        if self.tb_dir:  # rewritten from the whole history: a resumed job never writes an epoch twice
+            tracking.write_tensorboard(self.tb_dir, state.history)
+        self.tracker.queue_history([row], skip=self.already_logged)
+        self.tracker.log_artifact(self.last_path, "checkpoints", background=True)
+        if improved:
+            self.tracker.log_artifact(self.best_path, "checkpoints", background=True)
+
+
+def start_run(client, params, fingerprint: str, split_hash: str, device: torch.device, run_id: str | None,
+              resume: dict | None, mlflow_project_run: str | None, journal: tracking.Pending, args,
+              n_train: int, n_val: int) -> tuple[tracking.Tracker, Path | None, dict[str, set[int]]]:
+    """Open the job's MLflow run (the checkpoint's, a run killed before its first checkpoint, or a
+    new one) and record how it started. Returns the tracker, the TensorBoard folder (or None) and
+    the epochs the run has already logged."""
+    p = params.train
     # Runs this workspace left RUNNING: a job killed before its first checkpoint is continued in
     # its own run (it logged no epoch yet, and training from the seed redoes exactly its work);
     # any other is marked KILLED, and resumes from its checkpoint folder if its params come back.
@@ -162,6 +229,7 @@ def main() -> int:
     # Epochs the run has already logged: resuming from best.pt (last.pt unreadable) retrains epochs
     # the run logged before, and each epoch appears once in every curve.
     already_logged: dict[str, set[int]] = {}
+    history = resume["history"] if resume else []
     record = tracking.run_record(params)  # run name, DVC experiment, source/user tags, how to reproduce
     tracker = tracking.Tracker.start(client, params.tracking.experiment, run_id, journal=journal,
                                      create_tags={**workspace, "fingerprint": fingerprint}, run_name=record.name)
@@ -176,7 +244,7 @@ def main() -> int:
             tags = {**tracking.git_state(), **tracking.environment_tags(engine.device_name(device)), **workspace,
                     "data_md5": params.data.md5, "split_hash": split_hash, "fingerprint": fingerprint,
                     "deterministic": str(p.deterministic).lower()}
-            tracker.log_start(flat, tags, tracking.requirements_text())
+            tracker.log_start(flatten(params), tags, tracking.requirements_text())
             tracking.log_record(client, tracker.run_id, record)
             tracker.queue_history(history)  # a resumed job in a new run (the old one was deleted): all epochs
     except Exception as e:  # the run stays RUNNING: the next attempt continues it (checkpoint or orphan scan)
@@ -185,113 +253,153 @@ def main() -> int:
                         "run continues") from None
     tracking.log_datasets(client, tracker.run_id, [
         tracking.dataset_input(part, params.data.url, params.data.md5, n, split_hash)
-        for part, n in (("training", len(train_y)), ("validation", len(val_y)))])
+        for part, n in (("training", n_train), ("validation", n_val))])
     if params.tracking.system_metrics:
         tracker.system_metrics = tracking.SystemMetrics.start(client, tracker.run_id,
                                                               resume=bool(resume) and tracker.run_id == run_id)
     tb_dir = (tracking.tensorboard_dir(args.tensorboard_dir, client, tracker.run_id)
               if params.tracking.tensorboard else None)
-    print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} of "
-          f"{len(train_y)} images per epoch ({steps_per_epoch} batches of {p.batch_size}); MLflow run "
-          f"{tracker.run_id} in {tracking.tracking_uri()}")
+    return tracker, tb_dir, already_logged
 
-    def make_checkpoint(epoch_done: int, prog: engine.EpochProgress, seconds: float, complete: bool = False) -> dict:
-        return {"epoch": epoch_done, "model_state_dict": model.state_dict(),
-                "optimizer_state_dict": optimizer.state_dict(), "scheduler_state_dict": scheduler.state_dict(),
-                "loss": history[-1]["train_loss"] if history else float("nan"),
-                "step": prog.step, "epoch_progress": vars(prog).copy(), "epoch_seconds_so_far": seconds,
-                "history": history, "best_val_accuracy": best_acc, "rng": checkpoint.rng_state(device),
-                # Data order and augmentation of epoch e are drawn from a generator seeded with
-                # epoch_seed(train.seed, e): this seed regenerates the whole stream of any epoch.
-                "data_rng_seed": p.seed,
-                "mlflow_run_id": tracker.run_id, "fingerprint": fingerprint, "complete": complete,
-                "model_name": params.model.name}
+
+def train(args, params, device: torch.device, group: distributed.Group) -> int:
+    p = params.train
+    flat = flatten(params)
+    main = group.is_main  # rank 0 alone reads and writes checkpoints, files and MLflow
+    client = tracking.connect() if main else None  # an unreachable store fails here, before any work
+
+    arrays = data.load_arrays(args.data)
+    split_text = args.split.read_text()
+    sp = split.from_json(split_text)
+    split_hash = split.split_hash(split_text)
+    fingerprint = checkpoint.fingerprint(flat, params.data.md5, split_hash, checkpoint.code_digest(TRAINING_CODE))
+
+    # One folder per job (params + data + code): experiments never overwrite each other's checkpoints.
+    job_dir = args.checkpoint_dir / fingerprint
+    last_path, best_path = job_dir / "last.pt", job_dir / "best.pt"
+    resume = resume_path = None
+    if main:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        for stale in atomic.remove_stale_temporaries(job_dir):
+            print(f"removed {stale.name}, left by an interrupted write")
+        resume, resume_path, notes = checkpoint.resume_point(job_dir)  # an unreadable one is set aside, never a dead end
+        for note in notes:
+            print(note)
+    mlflow_project_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run .` created for this job
+    if resume and resume["complete"] and mlflow_project_run not in (None, resume["mlflow_run_id"]):
+        print(f"{resume_path}: this training finished in MLflow run {resume['mlflow_run_id']}; "
+              f"`mlflow run` created run {mlflow_project_run} for a new one, so it trains again")
+        resume = None
+    resume = group.broadcast(resume)  # every process continues from rank 0's checkpoint
+    journal = tracking.Pending(tracking.journal_path(args.run_id)) if main else None  # what the store did not take yet
+
+    # ---- model, optimizer, scheduler (the course's recipe; values from params.yaml)
+    setup = engine.build_training(params.model, p, device, group)
+    model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+
+    # ---- data: the training part of the split, resident on the device; each process takes its
+    # part of every batch (one process: all of it)
+    train_x, train_y = arrays.train_images[sp.train], arrays.train_labels[sp.train]
+    val_x, val_y = arrays.train_images[sp.val], arrays.train_labels[sp.val]
+    if p.drop_last and p.batch_size > len(train_y):
+        raise UserError(f"params.yaml: train.batch_size = {p.batch_size}: larger than the {len(train_y)} "
+                        "training images, so there is no full batch (train.drop_last is true)")
+    mean, std = channel_stats(train_x)
+    shard = {"rank": group.rank, "world_size": group.world_size}
+    val_batches = DeviceBatches(torch.from_numpy(val_x).to(device), torch.from_numpy(val_y), params.evaluate.batch_size,
+                                mean, std, augment=None, shuffle=False, **shard)
+    if p.loader == "device":
+        train_batches = DeviceBatches(torch.from_numpy(train_x).to(device), torch.from_numpy(train_y),
+                                      p.batch_size, mean, std, p.augment, seed=p.seed, drop_last=p.drop_last, **shard)
+        steps_per_epoch = len(train_batches)
+
+        def epoch_batches(epoch: int, start_step: int):
+            return train_batches.epoch(epoch, start_step)
+    else:  # the course's DataLoader path, the baseline; resumes at epoch boundaries only
+        steps_per_epoch = len(train_y) // p.batch_size if p.drop_last else -(-len(train_y) // p.batch_size)
+
+        def epoch_batches(epoch: int, start_step: int):
+            loader = dataloader_batches(train_x, train_y, p.batch_size, mean, std, p.augment, p.seed, epoch,
+                                        num_workers=p.num_workers, drop_last=p.drop_last)
+            return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
+
+    # ---- resume or start
+    state, run_id = engine.TrainState(), None
+    if resume:
+        model.load_state_dict(resume["model_state_dict"])
+        optimizer.load_state_dict(resume["optimizer_state_dict"])
+        scheduler.load_state_dict(resume["scheduler_state_dict"])
+        checkpoint.restore_rng_state(resume["rng"], device)
+        progress = engine.EpochProgress(**resume["epoch_progress"])
+        if p.loader == "dataloader" and progress.step:
+            progress = engine.EpochProgress()  # DataLoader order can't be replayed mid-epoch: redo the epoch
+        state = engine.TrainState(epoch=resume["epoch"], progress=progress, history=resume["history"],
+                                  seconds=resume["epoch_seconds_so_far"] if progress.step else 0.0,
+                                  best_val_accuracy=resume["best_val_accuracy"])
+        run_id = resume["mlflow_run_id"]
+        if main and state.epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
+            print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
+                  f"{run_id} from it (no retraining)")
+        elif main:
+            print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {progress.step} of {steps_per_epoch}"
+                  + (f", in {group.world_size} processes" if group.active else ""))
+
+    tracker = saver = None
+    if main:
+        tracker, tb_dir, already_logged = start_run(client, params, fingerprint, split_hash, device, run_id, resume,
+                                                    mlflow_project_run, journal, args, len(train_y), len(val_y))
+        print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
+              f"of {len(train_y)} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
+              + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
+                 else "") + f"); MLflow run {tracker.run_id} in {tracking.tracking_uri()}")
+        saver = Saver(tracker, model, optimizer, scheduler, device, p.seed, fingerprint, params.model.name,
+                      last_path, best_path, args.history, tb_dir, already_logged)
 
     stop = StopRequest()
-    # The DataLoader path can't replay half an epoch: it stops at the end of the epoch instead.
-    stop_inside_epoch = (lambda: stop.requested) if p.loader == "device" else (lambda: False)
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for epoch in range(start_epoch, p.epochs):
-            number = epoch + 1
-            scheduler.start_epoch(epoch)  # the warm-up's rate; a function of the epoch, so exact on resume
-            t0 = time.perf_counter()
-            with tqdm(total=steps_per_epoch, initial=progress.step, desc=f"epoch {number}/{p.epochs}",
-                      unit="batch", leave=False, mininterval=0.5) as bar:
-                def on_step(step: int) -> None:
-                    bar.update(1)
-                    faults.hit("step", number, step)
-
-                progress = engine.train_one_epoch(step_model, epoch_batches(epoch, progress.step), optimizer, loss_fn,
-                                                  progress=progress, amp=amp, log_every=p.log_every, log=tqdm.write,
-                                                  on_step=on_step, should_stop=stop_inside_epoch)
-            seconds = carried_seconds + time.perf_counter() - t0
-            carried_seconds = 0.0
-            if progress.step < steps_per_epoch:  # stopped at a safe point inside the epoch
-                checkpoint.save(last_path, make_checkpoint(epoch, progress, seconds))
+        hooks = StageHooks(stop, steps_per_epoch, p.epochs, mid_epoch=p.loader == "device",
+                           save=saver)
+        finished = engine.fit(setup, state, p.epochs, epoch_batches, lambda: val_batches.epoch(0), steps_per_epoch,
+                              hooks, group=group, log_every=p.log_every if main else 0, log=tqdm.write)
+        if not finished:
+            if main:
                 tracker.drain()
                 tracker.finish("KILLED")
-                print(f"stopped in epoch {number} after batch {progress.step}: checkpoint saved to {last_path}. "
-                      "Run `dvc repro` to resume.")
-                return stop.exit_code
-
-            faults.hit("validation", number)
-            val = engine.evaluate(step_model, val_batches.epoch(0), amp=amp)
-            lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
-            scheduler.end_epoch(epoch, val)  # the plateau scheduler, after warm-up
-            row = {"epoch": number, "train_loss": progress.loss, "train_accuracy": progress.accuracy,
-                   "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": lr, "epoch_seconds": seconds,
-                   "images_per_second": progress.seen / seconds}
-            history.append(row)
-            improved = val.accuracy > best_acc
-            best_acc = max(best_acc, val.accuracy)
-            ckpt = make_checkpoint(number, engine.EpochProgress(), 0.0)
-            if improved:  # best first: a kill between the two writes then just redoes this epoch
-                checkpoint.save(best_path, ckpt)
-            checkpoint.save(last_path, ckpt)
-            faults.hit("after_checkpoint", number)
-            atomic.write_text(args.history, pd.DataFrame(history).to_csv(index=False))
-            if tb_dir:  # rewritten from the whole history: a resumed job never writes an epoch twice
-                tracking.write_tensorboard(tb_dir, history)
-            tracker.queue_history([row], skip=already_logged)
-            tracker.log_artifact(last_path, "checkpoints", background=True)
-            if improved:
-                tracker.log_artifact(best_path, "checkpoints", background=True)
-            progress = engine.EpochProgress()
-            print(f"epoch {number:3d}/{p.epochs}  train loss {row['train_loss']:.4f}  val loss {val.loss:.4f}  "
-                  f"val acc {val.accuracy:.4f}  lr {lr:.2e}  {seconds:6.1f} s  {row['images_per_second']:8.0f} img/s",
-                  flush=True)
-            if stop.requested:
-                tracker.drain()
-                tracker.finish("KILLED")
-                print(f"stopped after epoch {number}: checkpoint saved to {last_path}. Run `dvc repro` to resume.")
-                return stop.exit_code
+                where = (f"in epoch {state.epoch + 1} after batch {state.progress.step}" if state.progress.step
+                         else f"after epoch {state.epoch}")
+                print(f"stopped {where}: checkpoint saved to {last_path}. Run `dvc repro` to resume.")
+            return stop.exit_code
     except BaseException:
-        tracker.drain(attempts=1)
-        tracker.finish("FAILED")
+        if tracker:
+            tracker.drain(attempts=1)
+            tracker.finish("FAILED")
         raise
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+    if not main:
+        return 0
 
     # ---- finished: weights output, complete checkpoint, artifacts, the model
     # NHWC (channels_last) was a training-speed choice; the weights file and the MLflow model get
     # the standard layout, which loaders expect and torch.export (MLflow's pt2 format) saves
     # without "No complete tensor found" warnings.
+    history = state.history
     model = model.to("cpu", memory_format=torch.contiguous_format)
     checkpoint.save_weights(args.weights, checkpoint.weights_file(model, params, mean, std, arrays.classes))
     atomic.write_text(args.history, pd.DataFrame(history).to_csv(index=False))
     atomic.write_text(args.metrics, json.dumps(training_summary(history), indent=2) + "\n")
-    if tb_dir:
-        tracking.write_tensorboard(tb_dir, history)
-    checkpoint.save(last_path, make_checkpoint(p.epochs, engine.EpochProgress(), 0.0, complete=True))
+    if saver.tb_dir:
+        tracking.write_tensorboard(saver.tb_dir, history)
+    checkpoint.save(last_path, saver.checkpoint(state, complete=True))
     faults.hit("finish", p.epochs)
-    tensorboard = [(tb_dir / tracking.TENSORBOARD_FILE, f"tensorboard/{tb_dir.name}")] if tb_dir else []
+    tensorboard = [(saver.tb_dir / tracking.TENSORBOARD_FILE, f"tensorboard/{saver.tb_dir.name}")] if saver.tb_dir else []
     model_uri = finish_run(tracker, checkpoints=[last_path, best_path], history=args.history, weights=args.weights,
                            example=model_example(val_x), extra_artifacts=tensorboard)
     if params.tracking.registered_model and model_uri.startswith(("models:/", "runs:/")):
         tracking.register_model_version(client, params.tracking.registered_model, tracker.run_id, model_uri)
-    print(f"done: best val accuracy {best_acc:.4f}; weights {args.weights}; model {model_uri}")
+    print(f"done: best val accuracy {state.best_val_accuracy:.4f}; weights {args.weights}; model {model_uri}")
     return 0
 
 

@@ -129,3 +129,25 @@ def test_the_course_dataloader_path_yields_the_same_shapes():
     loader = dataloader_batches(images, np.arange(20) % 10, 8, [0.5] * 3, [0.25] * 3, AUG, seed=0, epoch=0)
     shapes = [(x.shape, y.shape) for x, y in loader]
     assert shapes[0] == ((8, 3, 32, 32), (8,)) and sum(s[1][0] for s in shapes) == 20
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_processes_split_each_batch_into_disjoint_parts_that_make_up_one_process_batch(world_size):
+    """Distributed training: the parts of all ranks, in rank order, are exactly one process's batch
+    (images and augmentation), at any start step; a short last batch is shared out too."""
+    images, labels = numbered_images(250)
+
+    def batches(rank: int, world: int, drop_last: bool):
+        return DeviceBatches(images, labels, 48, [0.0] * 3, [1 / 255] * 3, AUG, seed=5, drop_last=drop_last,
+                             rank=rank, world_size=world)
+
+    for drop_last in (True, False):
+        whole = list(batches(0, 1, drop_last).epoch(2, start_step=1))
+        parts = [list(batches(r, world_size, drop_last).epoch(2, start_step=1)) for r in range(world_size)]
+        assert all(len(p) == len(whole) for p in parts)
+        assert len(batches(1, world_size, drop_last)) == len(batches(0, 1, drop_last))  # steps per epoch
+        for i, (x, y) in enumerate(whole):
+            assert torch.equal(torch.cat([p[i][0] for p in parts]), x)
+            assert torch.equal(torch.cat([p[i][1] for p in parts]), y)
+            sizes = [len(p[i][1]) for p in parts]
+            assert max(sizes) - min(sizes) <= 1

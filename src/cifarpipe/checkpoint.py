@@ -27,7 +27,9 @@ from cifarpipe import atomic, faults
 from cifarpipe.config import Params, UserError
 
 # Keys that do not change what training computes; a resume with them changed is still exact.
-_NOT_FINGERPRINTED = {"train.log_every", "train.device", "train.num_workers"}
+# The number of processes is one of them: the processes together train the batches one process
+# would (loader.DeviceBatches), so a 2-process checkpoint resumes in 1 process and back.
+_NOT_FINGERPRINTED = {"train.log_every", "train.device", "train.num_workers", "train.nproc_per_node"}
 
 
 def code_digest(files: list[Path]) -> str:

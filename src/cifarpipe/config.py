@@ -129,6 +129,9 @@ class TrainParams(_Strict):
     batch_size: int = Field(ge=1)
     seed: int = Field(ge=0)
     device: Literal["auto", "cuda", "mps", "cpu"]
+    # Processes per node (torchrun's --nproc_per_node): one per GPU, or several CPU processes with gloo.
+    # batch_size stays the batch of all processes together. le=64: no node has more GPUs.
+    nproc_per_node: int = Field(ge=1, le=64)
     log_every: int = Field(ge=0)  # print the running loss every N batches; 0 turns it off
     loader: Literal["device", "dataloader"]
     num_workers: int = Field(ge=0)  # only for loader=dataloader

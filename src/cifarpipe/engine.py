@@ -7,8 +7,9 @@ running loss, printed (and so read back) once every `log_every` batches.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cifarpipe.config import ModelParams, OptimizerParams, SchedulerParams, TrainParams, UserError
+from cifarpipe.distributed import Group
 from cifarpipe.models import build_model
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -85,15 +87,19 @@ def amp_enabled(requested: bool, device: torch.device) -> bool:
 @dataclass
 class TrainingSetup:
     model: nn.Module  # the module whose state_dict is saved
-    step_model: nn.Module  # what the loop calls: `model`, or its torch.compile wrapper
+    step_model: nn.Module  # what the loop trains: `model`, or its DDP and/or torch.compile wrapper
+    eval_model: nn.Module  # what validates: `step_model` in one process; `model` under DDP, whose
+    # forward would otherwise broadcast BatchNorm buffers, a collective every rank must join
     optimizer: torch.optim.Optimizer  # Adam or SGD
     scheduler: EpochSchedule
     loss_fn: nn.Module
     amp: bool
 
 
-def build_training(model_params: ModelParams, p: TrainParams, device: torch.device) -> TrainingSetup:
-    """The course's recipe on `device`, seeded: the one setup the train stage and the benchmarks share."""
+def build_training(model_params: ModelParams, p: TrainParams, device: torch.device,
+                   group: Group = Group()) -> TrainingSetup:
+    """The course's recipe on `device`, seeded: the one setup the train stage and the benchmarks share.
+    With a process `group`, the module is wrapped in DistributedDataParallel."""
     if p.deterministic:
         make_deterministic()
     elif device.type == "cuda":
@@ -106,7 +112,10 @@ def build_training(model_params: ModelParams, p: TrainParams, device: torch.devi
         # native layout); on CUDA it lets the convs use tensor cores without transposes.
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, p.optimizer)
-    return TrainingSetup(model=model, step_model=torch.compile(model) if p.compile else model, optimizer=optimizer,
+    wrapped = group.wrap(model, device)
+    step_model = torch.compile(wrapped) if p.compile else wrapped
+    return TrainingSetup(model=model, step_model=step_model, eval_model=model if group.active else step_model,
+                         optimizer=optimizer,
                          scheduler=make_scheduler(optimizer, p.scheduler),
                          loss_fn=nn.CrossEntropyLoss(label_smoothing=p.label_smoothing), amp=amp_enabled(p.amp, device))
 
@@ -248,3 +257,105 @@ def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False, tta_flip:
         preds.append(pred)
         n += len(y)
     return EvalResult(loss_sum.item() / max(n, 1), correct.item() / max(n, 1), torch.cat(preds).cpu().numpy())
+
+
+# ---------------------------------------------------------------- the epoch loop
+@dataclass
+class TrainState:
+    """Where a training stands, between epochs or inside one: what a checkpoint records of the loop."""
+    epoch: int = 0  # epochs finished
+    progress: EpochProgress = field(default_factory=EpochProgress)  # the unfinished epoch: its step and sums
+    seconds: float = 0.0  # training time the unfinished epoch took before an interruption
+    history: list[dict[str, float]] = field(default_factory=list)  # one row of metrics per finished epoch
+    best_val_accuracy: float = -1.0
+
+
+class LoopHooks:
+    """What `fit` calls out to. The train stage checkpoints, logs and shows progress here; the
+    benchmark times. Each method does nothing by default."""
+
+    def epoch_started(self, epoch: int, state: TrainState) -> None:
+        """Before training epoch `epoch` (0-based); state.progress.step > 0 when it resumes mid-epoch."""
+
+    def step_done(self, epoch: int, step: int) -> None:
+        """After optimizer step `step` (1-based) of epoch `epoch`."""
+
+    def stop_requested(self, inside_epoch: bool) -> bool:
+        """Asked after every step (`inside_epoch`) and after every epoch: True stops the loop at that
+        safe point."""
+        return False
+
+    def stopped_in_epoch(self, state: TrainState) -> None:
+        """The loop stopped inside epoch state.epoch: state.progress has its step and (all processes') sums."""
+
+    def validation_started(self, epoch: int) -> None:
+        """The epoch's training is done; validation begins."""
+
+    def epoch_finished(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
+        """Epoch row["epoch"] (1-based) is validated and the scheduler stepped; `state` is that epoch
+        boundary and `improved` says whether it has the best validation accuracy so far."""
+
+
+# Under DDP the processes agree on stopping with a collective call, every this many steps: one
+# call per step would make a GPU wait for the host every step (the loop reads the answer).
+_STOP_CHECK_STEPS = 10
+
+
+def fit(setup: TrainingSetup, state: TrainState, epochs: int, train_batches: Callable[[int, int], Batches],
+        val_batches: Callable[[], Batches], steps_per_epoch: int, hooks: LoopHooks, *, group: Group = Group(),
+        log_every: int = 0, log: Callable[[str], None] = print) -> bool:
+    """Train from `state` to `epochs` epochs: per epoch train_one_epoch, validate, step the scheduler.
+
+    `train_batches(epoch, start_step)` gives this process's batches of an epoch from a step on;
+    `val_batches()` this process's validation batches. Under DDP the sums of every process are
+    added up, so every rank sees the metrics of the whole batch. Returns True when all epochs are
+    done, False when `hooks.stop_requested()` stopped it (after hooks.stopped_in_epoch inside an
+    epoch, or at an epoch boundary). `state` is updated in place.
+    """
+    device = next(setup.model.parameters()).device
+    steps_seen = 0
+
+    def should_stop() -> bool:
+        nonlocal steps_seen
+        steps_seen += 1
+        if not group.active:
+            return hooks.stop_requested(True)
+        return steps_seen % _STOP_CHECK_STEPS == 0 and group.any(hooks.stop_requested(True), device)
+
+    for epoch in range(state.epoch, epochs):
+        setup.scheduler.start_epoch(epoch)  # the warm-up's rate; a function of the epoch, so exact on resume
+        hooks.epoch_started(epoch, state)
+        # Every process continues the step; the sums so far (all processes') continue on rank 0 only.
+        done = state.progress if group.is_main else EpochProgress(step=state.progress.step)
+        t0 = time.perf_counter()
+        done = train_one_epoch(setup.step_model, train_batches(epoch, done.step), setup.optimizer, setup.loss_fn,
+                               progress=done, amp=setup.amp, log_every=log_every, log=log,
+                               on_step=lambda step: hooks.step_done(epoch, step), should_stop=should_stop)
+        seconds = state.seconds + time.perf_counter() - t0
+        if group.active:
+            done = EpochProgress(done.step, *group.sum([done.loss_sum, done.correct, done.seen], device))
+            done.correct, done.seen = int(done.correct), int(done.seen)
+        if done.step < steps_per_epoch:  # stopped at a safe point inside the epoch
+            state.progress, state.seconds = done, seconds
+            hooks.stopped_in_epoch(state)
+            return False
+
+        hooks.validation_started(epoch)
+        val = evaluate(setup.eval_model, val_batches(), amp=setup.amp)
+        if group.active:  # this process's part of the validation set, added up
+            n = len(val.predictions)
+            loss_sum, correct, n = group.sum([val.loss * n, val.accuracy * n, n], device)
+            val = EvalResult(loss_sum / n, round(correct) / n, val.predictions)
+        lr = setup.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+        setup.scheduler.end_epoch(epoch, val)  # the plateau scheduler, after warm-up
+        row = {"epoch": epoch + 1, "train_loss": done.loss, "train_accuracy": done.accuracy,
+               "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": lr, "epoch_seconds": seconds,
+               "images_per_second": done.seen / seconds}
+        improved = val.accuracy > state.best_val_accuracy
+        state.history.append(row)
+        state.epoch, state.progress, state.seconds = epoch + 1, EpochProgress(), 0.0
+        state.best_val_accuracy = max(state.best_val_accuracy, val.accuracy)
+        hooks.epoch_finished(state, row, improved)
+        if group.any(hooks.stop_requested(False), device):
+            return False
+    return True

@@ -53,7 +53,8 @@ class DeviceBatches:
 
     def __init__(self, images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  mean: list[float], std: list[float], augment: AugmentParams | None = None,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = False) -> None:
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1) -> None:
         if images_u8.dtype != torch.uint8 or images_u8.shape[1:] != (32, 32, 3):
             raise ValueError("images must be uint8 (n, 32, 32, 3)")
         self.device = images_u8.device
@@ -71,6 +72,11 @@ class DeviceBatches:
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
+        # Distributed training: every process draws the same plan (same seed) and takes part
+        # `rank` of each batch, so the processes together train on exactly the batches one process
+        # would, the number of steps per epoch does not depend on the world size, and a checkpoint
+        # (epoch, step) resumes in any number of processes.
+        self.rank, self.world_size = rank, world_size
         if drop_last and len(self.labels) < batch_size:
             raise ValueError(f"batch size {batch_size} is larger than the {len(self.labels)} images: no full batch")
         # (x - mean) / std as one x * scale + shift (addcmul): half the passes over the batch.
@@ -98,7 +104,9 @@ class DeviceBatches:
         ar = torch.arange(32, device=self.device)
         end = len(self) * self.batch_size if self.drop_last else len(order)
         for start in range(start_step * self.batch_size, end, self.batch_size):
-            sl = slice(start, start + self.batch_size)
+            sl = self._share(start, min(start + self.batch_size, end))
+            if sl.start == sl.stop:  # a last evaluation batch smaller than the world: nothing for this rank
+                continue
             idx = order[sl]
             rows = dy[sl, None] + ar  # (B, 32): which padded rows form the crop
             # A flipped crop reads its columns right to left: one gather does crop and flip.
@@ -106,6 +114,15 @@ class DeviceBatches:
             pixel = (idx[:, None, None] * self.side + rows[:, :, None]) * self.side + cols[:, None, :]
             x = self.pixels.index_select(0, pixel.view(-1)).view(len(idx), 32, 32, 3)  # uint8 NHWC
             yield torch.addcmul(self.shift, x.permute(0, 3, 1, 2).float(), self.scale), self.labels[idx]
+
+
+    def _share(self, start: int, stop: int) -> slice:
+        """This process's part of the batch order[start:stop]: as torch.tensor_split cuts it (the
+        first `size % world_size` parts one image larger)."""
+        size, k = stop - start, self.rank
+        base, extra = divmod(size, self.world_size)
+        lo = start + k * base + min(k, extra)
+        return slice(lo, lo + base + (1 if k < extra else 0))
 
 
 class _ArrayDataset(torch.utils.data.Dataset):

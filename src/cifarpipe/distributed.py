@@ -1,0 +1,122 @@
+"""Several training processes (DistributedDataParallel under `torchrun`): who is who, and the few
+collective calls the epoch loop needs.
+
+torchrun starts `nproc_per_node` copies of the train stage on each node and tells each one its
+place in environment variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT).
+Each process trains on its share of every batch (see loader.DeviceBatches), DDP averages the
+gradients over all processes during backward, and the loop adds up the metric sums with
+`Group.sum`. Rank 0 alone reads and writes checkpoints, files and MLflow; the others get the
+resume state from it with `Group.broadcast`.
+
+Outside torchrun (no WORLD_SIZE in the environment) every call here is a no-op on one process:
+the single-process path runs exactly the code it ran before DDP existed.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifarpipe.config import UserError
+
+# How long a collective call waits for the other processes. A rank that died makes the others
+# fail after this instead of hanging for torch's default 30 min (10 min: far above any epoch's
+# slowest step, but a dead job is noticed the same morning).
+_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # the process's index on its node: its GPU
+    local_world_size: int = 1  # processes on this node (torchrun's --nproc_per_node)
+    active: bool = False  # a process group exists (started by torchrun, even with one process)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that reads and writes checkpoints, files and MLflow."""
+        return self.rank == 0
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Each value added up over all processes (float64: exact for counts up to 2**53)."""
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every process if it is True on any: all ranks stop at the same step."""
+        return self.sum([float(flag)], device)[0] > 0 if self.active else flag
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every process (pickled; e.g. the checkpoint to resume from)."""
+        if not self.active:
+            return obj
+        box = [obj if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The module the loop trains: DDP (gradients all-reduced during backward) when distributed.
+        DDP copies rank 0's parameters and buffers to every process when it is built."""
+        if not self.active:
+            return model
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def close(self) -> None:
+        if self.active and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def start(device_type: str) -> Group:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on the CPU); outside torchrun, Group()."""
+    if not under_torchrun():
+        return Group()
+    env = os.environ
+    group = Group(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env["LOCAL_RANK"]),
+                  local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), active=True)
+    _die_with_parent()
+    if device_type == "cuda":
+        if group.local_rank >= torch.cuda.device_count():
+            raise UserError(f"process {group.local_rank} of this node has no GPU: {torch.cuda.device_count()} "
+                            f"visible, {group.local_world_size} processes (lower train.nproc_per_node)")
+        torch.cuda.set_device(group.local_rank)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, timeout=_COLLECTIVE_TIMEOUT)
+    return group
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when torchrun dies.
+
+    torchrun starts each worker in a session of its own, so a `kill -9` of torchrun (or of the
+    `dvc repro` above it) would leave the workers training on as orphans, still writing checkpoints,
+    beside the next `dvc repro`'s job. With this they go down together, like one process.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # torchrun died before the call above took effect
+        os._exit(137)
+
+
+def launch_command(nproc_per_node: int, script: str, argv: list[str]) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N script argv...`, as torch documents it for one node."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+            script, *argv]

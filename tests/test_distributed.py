@@ -1,0 +1,163 @@
+"""Two training processes (torchrun + DDP, gloo on the CPU) through the real train stage: one MLflow
+run, rank 0 alone writes, the same training as one process, and a checkpoint that resumes in any
+number of processes."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import BIN, git_commit, make_project, run, serve_folder, set_params, stage_cmd
+from test_resume import job_dir, runs_of
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory, tiny_archive):
+    """A project with the data stages done, and a 1-process training of it for reference."""
+    base = tmp_path_factory.mktemp("ddp")
+    with serve_folder(base / "www") as server:
+        seed = make_project(base / "seed", *tiny_archive, server)
+        # Batch 32: 13 steps per epoch on the 425 training images; 16 images per process with 2.
+        set_params(seed, **{"train.epochs": EPOCHS, "tracking.system_metrics": False,
+                            "tracking.registered_model": ""})
+        run(["dvc", "repro", "split"], seed)
+        git_commit(seed, "data stages done")
+        one = base / "one-process"
+        shutil.copytree(seed, one, symlinks=True)
+        run(stage_cmd(one, "train"), one)
+        yield seed, one
+
+
+def copy_with(seed: Path, dest: Path, nproc: int) -> Path:
+    shutil.copytree(seed, dest, symlinks=True)
+    set_params(dest, **{"train.nproc_per_node": nproc})
+    return dest
+
+
+def history(project: Path) -> pd.DataFrame:
+    return pd.read_csv(project / "outputs/history.csv").drop(columns=["epoch_seconds", "images_per_second"])
+
+
+def test_two_processes_train_one_run_like_one_process(seed, tmp_path):
+    seed_project, one = seed
+    two = copy_with(seed_project, tmp_path / "two", 2)
+    out = run(stage_cmd(two, "train"), two).stdout
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in out
+    assert "16 in each of 2 processes" in out
+    # Rank 0 alone prints, checkpoints and logs: each epoch once, one run, one job folder.
+    for epoch in range(1, EPOCHS + 1):
+        assert out.count(f"epoch {epoch:3d}/{EPOCHS}") == 1, out
+    client, runs = runs_of(two)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["train.nproc_per_node"] == "2"
+    for key in ("train_loss", "val_accuracy"):
+        assert [m.step for m in client.get_metric_history(runs[0].info.run_id, key)] == list(range(1, EPOCHS + 1))
+    assert sorted(p.name for p in job_dir(two).iterdir()) == ["best.pt", "last.pt"]
+    # The two processes together train on exactly the batches one process trains on: every
+    # metric matches one process up to float rounding (both halves of each batch count, once).
+    a, b = history(two), history(one)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4, atol=1e-6)
+    w2 = torch.load(two / "outputs/model.pt", weights_only=True)["state_dict"]
+    w1 = torch.load(one / "outputs/model.pt", weights_only=True)["state_dict"]
+    assert all(torch.allclose(w2[k], w1[k], rtol=1e-3, atol=1e-5) for k in w1)
+
+
+def test_a_checkpoint_resumes_across_world_sizes_in_the_same_run(seed, tmp_path):
+    """Stopped in 2 processes (SIGTERM, mid-epoch), resumed in 1 and killed (SIGKILL), finished in 2:
+    one MLflow run, every epoch logged once, and the training one process does alone."""
+    seed_project, one = seed
+    project = copy_with(seed_project, tmp_path / "p", 2)
+    # SIGTERM reaches both processes at step 4; they agree to stop at the next common check (step 10).
+    stopped = run(stage_cmd(project, "train"), project, env={"CIFARPIPE_FAULT": "step:1:4:TERM"}, check=False)
+    assert stopped.returncode != 0
+    ckpt = torch.load(job_dir(project) / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 10), stopped.stdout + stopped.stderr
+    assert ckpt["epoch_progress"]["seen"] == 10 * 32  # both processes' images, summed on rank 0
+    run_id = (project / "outputs/run_id.txt").read_text().strip()
+    client, runs = runs_of(project)
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+    set_params(project, **{"train.nproc_per_node": 1})
+    killed = run(stage_cmd(project, "train"), project, env={"CIFARPIPE_FAULT": "step:2:5"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert "resuming from" in killed.stdout and "epoch 1, batch 10 of 13" in killed.stdout
+
+    set_params(project, **{"train.nproc_per_node": 2})
+    done = run(stage_cmd(project, "train"), project)
+    assert "epoch 2, batch 0 of 13, in 2 processes" in done.stdout
+    assert (project / "outputs/run_id.txt").read_text().strip() == run_id
+    client, runs = runs_of(project)
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
+    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == list(range(1, EPOCHS + 1))
+    pd.testing.assert_frame_equal(history(project), history(one), check_exact=False, rtol=1e-4, atol=1e-6)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "zombie" in status.read_text())
+
+
+def test_kill_9_of_torchrun_takes_its_workers_down_and_the_rerun_finishes_the_same_run(seed, tmp_path):
+    """torchrun starts each worker in a session of its own: without the parent-death signal a
+    `kill -9` of torchrun would leave them training on as orphans beside the next run."""
+    seed_project, _ = seed
+    project = copy_with(seed_project, tmp_path / "p", 2)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "CIFARPIPE_FAULT": "step:1:3:STOP"}  # every worker freezes itself at step 3, mid-epoch
+    env.pop("MLFLOW_TRACKING_URI", None)
+    agent = subprocess.Popen(stage_cmd(project, "train"), cwd=project, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        workers: list[int] = []
+        while time.monotonic() < deadline and agent.poll() is None:
+            workers = _children(agent.pid)
+            if len(workers) == 2 and all(Path(f"/proc/{w}/stat").read_text().split(")")[1].split()[0] == "T"
+                                         for w in workers if Path(f"/proc/{w}/stat").exists()):
+                break
+            time.sleep(0.5)
+        assert len(workers) == 2, "two stopped workers under torchrun"
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(30)
+        deadline = time.monotonic() + 30
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "workers outlived torchrun"
+    finally:
+        for pid in [agent.pid, *_children(agent.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    run_id = (project / "outputs/run_id.txt").read_text().strip()
+    done = run(stage_cmd(project, "train"), project)
+    assert "continuing MLflow run" in done.stdout
+    client, runs = runs_of(project)
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused_before_any_process_starts(seed, tmp_path):
+    seed_project, _ = seed
+    project = copy_with(seed_project, tmp_path / "p", 3)  # batch 32 over 3 processes
+    proc = run(stage_cmd(project, "train"), project, check=False)
+    assert proc.returncode == 2
+    assert "train.batch_size = 32 does not split evenly over 3 processes" in proc.stderr
+    assert "torch.distributed.run" not in proc.stdout
