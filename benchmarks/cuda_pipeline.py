@@ -10,6 +10,12 @@ local SQLite store:
   resnet-det          the recipe with train.deterministic=true, uninterrupted
   resnet-det-killed   the same, killed and resumed
   resnet-compile      the recipe with train.compile=true
+  resnet-ddp1         the recipe with the train stage under `torchrun --nproc_per_node=1`: DDP over NCCL
+                      with one process (the multi-GPU code path on a one-GPU machine)
+  resnet-det-ddp1-killed  deterministic, under torchrun, killed mid-epoch, resumed under torchrun; its
+                      twin is resnet-det (one process, no DDP): bitwise equal means DDP's path and the
+                      resume both change nothing
+  ddp2-one-gpu        train.nproc_per_node=2 on a machine with one GPU: must be refused before any work
 Then it checks what a user relies on: each killed run resumed into the same MLflow run id, with
 weights, per-epoch history and test metrics equal to its uninterrupted twin (bitwise with
 deterministic kernels; the differences are reported without), and every run in the store is
@@ -74,13 +80,17 @@ class Workspace:
             (self.dir / "data").symlink_to(data)
         self.log = self.dir / "stages.log"
 
-    def run(self, stage: str, env: dict[str, str], timeout: float) -> dict:
+    def run(self, stage: str, env: dict[str, str], timeout: float, torchrun: bool = False) -> dict:
+        argv = stage_argv(stage)
+        if torchrun:  # as a user starts it on a GPU box: torchrun --standalone --nproc_per_node=N <script> <args>
+            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={self.params.train.nproc_per_node}", *argv[1:]]
         t0 = time.perf_counter()
         with open(self.log, "a") as log:
             log.write(f"\n$ {stage} {json.dumps({k: v for k, v in env.items() if k.startswith('CIFARPIPE')})}\n")
             log.flush()
             try:
-                proc = subprocess.run(stage_argv(stage), cwd=self.dir, env={**os.environ, **env}, stdout=log,
+                proc = subprocess.run(argv, cwd=self.dir, env={**os.environ, **env}, stdout=log,
                                       stderr=subprocess.STDOUT, timeout=max(timeout, 1))
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
@@ -99,6 +109,10 @@ class Workspace:
         if name.endswith(".csv"):
             return pd.read_csv(path)
         return path.read_text().strip()
+
+
+def self_log(ws: Workspace) -> str:
+    return ws.log.read_text(errors="replace")
 
 
 def compare(ref: Workspace, other: Workspace) -> dict:
@@ -252,16 +266,20 @@ def main() -> None:
     n_train = len(split.from_json((data_dir / "split.json").read_text()).train)
     steps = n_train // with_overrides(base, recipe).train.batch_size  # train.drop_last: full batches only
     kill_at = f"step:{max(1, (epochs + 1) // 2)}:{max(1, steps // 2)}"  # the middle of the middle epoch
-    plan = {  # name -> (overrides, kill fault or None, uninterrupted twin)
-        "course_cnn": ([], None, None),
-        "resnet": (recipe, None, None),
-        "resnet-killed": (recipe, kill_at, "resnet"),
-        "resnet-det": ([*recipe, "train.deterministic=true"], None, None),
-        "resnet-det-killed": ([*recipe, "train.deterministic=true"], kill_at, "resnet-det"),
-        "resnet-compile": ([*recipe, "train.compile=true"], None, None),
+    det = [*recipe, "train.deterministic=true"]
+    plan = {  # name -> (overrides, kill fault or None, uninterrupted twin, train under torchrun)
+        "course_cnn": ([], None, None, False),
+        "resnet": (recipe, None, None, False),
+        "resnet-killed": (recipe, kill_at, "resnet", False),
+        "resnet-det": (det, None, None, False),
+        "resnet-det-killed": (det, kill_at, "resnet-det", False),
+        "resnet-det-ddp1-killed": (det, kill_at, "resnet-det", True),
+        "ddp2-one-gpu": ([*recipe, "train.nproc_per_node=2"], None, None, False),
+        "resnet-compile": ([*recipe, "train.compile=true"], None, None, False),
+        "resnet-ddp1": (recipe, None, None, True),
     }
     spaces: dict[str, Workspace] = {}
-    for name, (overrides, fault, twin) in plan.items():
+    for name, (overrides, fault, twin, torchrun) in plan.items():
         if args.only and name not in args.only:
             continue
         entry: dict = {"overrides": overrides, "steps": []}
@@ -273,17 +291,24 @@ def main() -> None:
         print(f"{name}: {' '.join(overrides) or 'params.yaml'}", flush=True)
         ws = spaces[name] = Workspace(args.work, name, overrides, base_params, data_dir)
         entry["params"] = flatten(ws.params)
+        if name == "ddp2-one-gpu":  # a refusal: exit 2 and a message, nothing started
+            step = ws.run("train", env, min(left(), 120))
+            entry["steps"].append(step)
+            entry["refused"] = step["rc"] == 2 and any("one process per GPU" in line for line in step["log_tail"])
+            args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+            continue
         if fault:
-            step = ws.run("train", {**env, "CIFARPIPE_FAULT": fault}, left())
+            step = ws.run("train", {**env, "CIFARPIPE_FAULT": fault}, left(), torchrun)
             entry["steps"].append(step | {"fault": fault})
-            entry["killed_by_sigkill"] = step["rc"] == -9
+            # Under torchrun the worker is the one killed; torchrun itself then exits 1.
+            entry["killed_by_sigkill"] = step["rc"] == -9 or (torchrun and "Signal 9 (SIGKILL)" in self_log(ws))
             entry["run_id_before_kill"] = ws.read("run_id.txt")
             ckpts = list((ws.dir / "outputs" / "checkpoints").glob("*/last.pt"))
             if ckpts:
                 c = torch.load(ckpts[0], map_location="cpu", weights_only=True)
                 entry["checkpoint_at_kill"] = {"epoch": c["epoch"], "step": c["step"]}
         for stage in ("train", "evaluate"):
-            step = ws.run(stage, env, left())
+            step = ws.run(stage, env, left(), torchrun and stage == "train")
             entry["steps"].append(step)
             if step["rc"] != 0:
                 break
@@ -313,7 +338,7 @@ def main() -> None:
     if args.pack_into and isinstance(report["store_check"], dict) and "error" not in report["store_check"]:
         args.pack_into.mkdir(parents=True, exist_ok=True)
         # The resumed deterministic run first: it is the one whose checkpoints prove the resume.
-        first = ["resnet-det-killed", "course_cnn", "resnet", "resnet-killed"]
+        first = ["resnet-det-ddp1-killed", "resnet-det-killed", "resnet-compile", "resnet-ddp1", "resnet-det", "resnet"]
         runs = dict(sorted(report["store_check"].items(), key=lambda kv: first.index(kv[0]) if kv[0] in first else 9))
         report["store_pack"] = pack_store(args.store, runs, args.pack_into, args.pack_mb)
     args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")

@@ -57,12 +57,16 @@ def test_the_pipeline_script_runs_its_configurations_on_the_cpu(tmp_path, tiny_a
     run([sys.executable, str(REPO / "benchmarks" / "cuda_pipeline.py"), "--archive", str(archive), "--md5", md5,
          "--work", str(tmp_path / "w"), "--store", str(tmp_path / "store"), "--out", str(out),
          "--recipe", "model.name=cifar_resnet model.width=8 train.batch_size=32 train.epochs=3",
-         "--only", "resnet-det", "resnet-det-killed", "--pack-into", str(tmp_path / "pack")], tmp_path)
+         "--only", "resnet-det", "resnet-det-killed", "resnet-det-ddp1-killed", "--pack-into", str(tmp_path / "pack")],
+        tmp_path)
     report = json.loads(out.read_text())
-    killed = report["configurations"]["resnet-det-killed"]
-    assert killed["killed_by_sigkill"] and killed["same_run_id_after_resume"]
-    assert killed["resume_vs_uninterrupted"]["weights_bitwise_equal"]
-    assert killed["resume_vs_uninterrupted"]["history_equal"]
+    # Killed and resumed, in one process and under torchrun (DDP with one process, gloo here):
+    # both bitwise equal to the uninterrupted one-process training.
+    for name in ("resnet-det-killed", "resnet-det-ddp1-killed"):
+        killed = report["configurations"][name]
+        assert killed["killed_by_sigkill"] and killed["same_run_id_after_resume"], name
+        assert killed["resume_vs_uninterrupted"]["weights_bitwise_equal"], name
+        assert killed["resume_vs_uninterrupted"]["history_equal"], name
     for name, r in report["store_check"].items():
         assert r["status"] == "FINISHED" and r["every_epoch_once"], name
         assert r["checkpoint_artifacts"] == ["checkpoints/best.pt", "checkpoints/last.pt"] and r["logged_models"]
