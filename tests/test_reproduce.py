@@ -103,7 +103,7 @@ def test_a_run_with_uncommitted_code_is_refused_naming_the_files(trained, tmp_pa
         train_py.write_text(text)
     dirty = (tmp_path / "run_id.txt").read_text().strip()
     tags = client.get_run(dirty).data.tags
-    assert (tags["git_dirty"], tags["git_dirty_code"], tags["git_dirty_files"]) == ("true", "true", "stages/train.py")
+    assert (tags["git_dirty"], tags["git_dirty_code"], tags["git_dirty_code_files"]) == ("true", "true", "stages/train.py")
     assert re.fullmatch(r"[0-9a-f]{12}", tags["git_diff_sha256"])
     assert "Uncommitted code changes when it ran" in tags["mlflow.note.content"]
     proc = run([*REPRODUCE, dirty], project, check=False)
@@ -257,7 +257,8 @@ def test_git_state_tells_params_and_outputs_from_code(tmp_path, monkeypatch):
     assert tracking._dirty_files() == []
     (tmp_path / "src/cifarpipe/engine.py").write_text("# changed\n")
     state = tracking.git_state()
-    assert state["git_dirty_code"] == "true" and "src/cifarpipe/engine.py" in state["git_dirty_files"]
+    assert state["git_dirty_code"] == "true" and state["git_dirty_code_files"] == "src/cifarpipe/engine.py"
+    assert state["git_dirty_files"] == "dvc.lock, outputs/metrics.json, params.yaml, src/cifarpipe/engine.py"
     assert tracking._dirty_files() == ["src/cifarpipe/engine.py"]
     first = state["git_diff_sha256"]
     (tmp_path / "src/cifarpipe/engine.py").write_text("# changed otherwise\n")

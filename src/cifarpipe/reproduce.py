@@ -88,7 +88,7 @@ def check_reproducible(run: Run, commit_exists: Callable[[str], bool]) -> str:
         raise UserError(f"run {rid} records no git commit (trained outside a git checkout): its code can't be recreated")
     dirty_code = run.tags.get("git_dirty_code")
     if dirty_code == "true":
-        files = run.tags.get("git_dirty_files", "?")
+        files = run.tags.get("git_dirty_code_files") or run.tags.get("git_dirty_files", "?")
         diff = run.tags.get("git_diff_sha256")
         raise UserError(f"run {rid} was trained with uncommitted code changes ({files}"
                         + (f"; diff sha256 {diff}" if diff else "") + f"): commit {commit[:12]} does not hold the "

@@ -292,9 +292,10 @@ def git_state() -> dict[str, str]:
 
     git_dirty: any tracked file changed (every `dvc exp run` run: its overrides are in params.yaml);
     git_dirty_files: which ones; git_dirty_code: whether any of them is code, i.e. not a file DVC
-    writes itself (see _dvc_written). A run with git_dirty_code false is described fully by its
-    commit and its logged params, and `cifarpipe-reproduce` reruns it; git_diff_sha256 (with code
-    changes only): 12 hex digits of `git diff HEAD` of those files, to tell one such change from another.
+    writes itself (see _dvc_written), and git_dirty_code_files which. A run with git_dirty_code false
+    is described fully by its commit and its logged params, and `cifarpipe-reproduce` reruns it.
+    git_diff_sha256 (code changes only): 12 hex digits of `git diff HEAD` of those files, to tell one
+    such change from another.
     """
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -310,6 +311,7 @@ def git_state() -> dict[str, str]:
     if changed:
         tags["git_dirty_files"] = _file_list(changed)
     if code:
+        tags["git_dirty_code_files"] = _file_list(code)
         try:
             diff = subprocess.run(["git", "diff", "HEAD", "--no-renames", "--binary", "--", *(f":(literal){f}" for f in code)],
                                   capture_output=True, check=True, timeout=60).stdout
