@@ -47,6 +47,7 @@ from typing import Any, Hashable
 from urllib.parse import urlparse
 
 import mlflow
+import yaml
 from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
@@ -233,14 +234,91 @@ def connect() -> MlflowClient:
     return client
 
 
-def git_state() -> dict[str, str]:
+# Files DVC itself writes while it runs the pipeline (besides each stage's outputs, read from
+# dvc.yaml): dvc.lock, and params.yaml, where `dvc exp run -S` writes its overrides before training.
+_DVC_WRITTEN = ("params.yaml", "dvc.lock")
+_TAG_FILES_MAX = 1000  # characters of the git_dirty_files tag (MLflow allows 8000 per tag value)
+
+
+def _changed_files() -> list[str] | None:
+    """Tracked files whose content differs from HEAD, staged or not (paths from the repository
+    root); None without git or without a commit. Untracked files are not listed: no committed code
+    imports them, and DVC's untracked outputs are none of the run's code."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(dirty)).lower()}
-    except (OSError, subprocess.CalledProcessError):
-        return {"mlflow.source.git.commit": "unknown", "git_dirty": "unknown"}
+        out = subprocess.run(["git", "diff", "HEAD", "--name-only", "--no-renames", "-z"], capture_output=True,
+                             text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [f for f in out.split("\0") if f]
+
+
+def _dvc_written(path: str, dvc_yaml: Path = Path("dvc.yaml")) -> bool:
+    """Whether DVC writes `path` itself: dvc.lock, a params file of a stage (params.yaml holds the
+    `-S` overrides), a stage's output (outs, metrics, plots: the cache: false ones are tracked by
+    git, e.g. outputs/metrics.json), or a .gitignore (DVC lists its cached outputs there). A change
+    to any other tracked file is a change of the code."""
+    if path in _DVC_WRITTEN or Path(path).name == ".gitignore":
+        return True
+    try:
+        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    for stage in stages.values():
+        if not isinstance(stage, dict):
+            continue
+        for key in ("outs", "metrics", "plots", "params"):
+            for item in stage.get(key) or []:
+                # outs: "path" or {path: {cache: false}}; params: "key" (of params.yaml) or {file: [keys]}
+                names = list(item) if isinstance(item, dict) else ([] if key == "params" else [str(item)])
+                if any(path == n.rstrip("/") or path.startswith(n.rstrip("/") + "/") for n in names):
+                    return True
+    return False
+
+
+def _file_list(files: list[str], max_len: int = _TAG_FILES_MAX) -> str:
+    """'a.py, b.py ... (+3 more)': comma-separated, cut to fit an MLflow tag."""
+    text = ""
+    for i, f in enumerate(files):
+        more = f" ... (+{len(files) - i} more)"
+        item = f"{', ' if text else ''}{f}"
+        if len(text) + len(item) + (len(more) if i < len(files) - 1 else 0) > max_len:
+            return text + more
+        text += item
+    return text
+
+
+def git_state() -> dict[str, str]:
+    """The commit and what differed from it when the run started, as run tags:
+
+    git_dirty: any tracked file changed (every `dvc exp run` run: its overrides are in params.yaml);
+    git_dirty_files: which ones; git_dirty_code: whether any of them is code, i.e. not a file DVC
+    writes itself (see _dvc_written), and git_dirty_code_files which. A run with git_dirty_code false
+    is described fully by its commit and its logged params, and `cifarpipe-reproduce` reruns it.
+    git_diff_sha256 (code changes only): 12 hex digits of `git diff HEAD` of those files, to tell one
+    such change from another.
+    """
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    changed = _changed_files() if commit else None
+    if changed is None:
+        return {"mlflow.source.git.commit": "unknown", "git_dirty": "unknown", "git_dirty_code": "unknown"}
+    code = [f for f in changed if not _dvc_written(f)]
+    tags = {"mlflow.source.git.commit": commit, "git_dirty": str(bool(changed)).lower(),
+            "git_dirty_code": str(bool(code)).lower()}
+    if changed:
+        tags["git_dirty_files"] = _file_list(changed)
+    if code:
+        tags["git_dirty_code_files"] = _file_list(code)
+        try:
+            diff = subprocess.run(["git", "diff", "HEAD", "--no-renames", "--binary", "--", *(f":(literal){f}" for f in code)],
+                                  capture_output=True, check=True, timeout=60).stdout
+            tags["git_diff_sha256"] = hashlib.sha256(diff).hexdigest()[:12]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return tags
 
 
 def requirements_text() -> str:
@@ -405,20 +483,17 @@ def reproduce_note(commit: str, experiment: str | None, changed: dict[str, Any],
         lines += [f"Trained at commit `{commit[:12]}`" + (" with these params changed in params.yaml" if sets else "")
                   + ". Reproduce it:", "", "```", f"git checkout {commit}", run, "```"]
     if dirty_files:
-        lines += ["", "Uncommitted changes when it ran (not in the commit above): "
-                  + ", ".join(f"`{f}`" for f in dirty_files[:10]) + (" ..." if len(dirty_files) > 10 else "")]
+        lines += ["", "Uncommitted code changes when it ran (not in the commit above, so these commands do not "
+                  "reproduce it exactly): " + ", ".join(f"`{f}`" for f in dirty_files[:10])
+                  + (" ..." if len(dirty_files) > 10 else "")]
+    else:  # commit + logged params describe it fully (uncommitted params.yaml changes are in the params)
+        lines += ["", "Rerun it in a fresh git worktree and compare the metrics: `cifarpipe-reproduce <this run's id>`"]
     return "\n".join(lines) + "\n"
 
 
-def _dirty_files(ignore: tuple[str, ...] = ("params.yaml", "dvc.lock")) -> list[str]:
-    """Tracked files changed since the commit, less those DVC itself changes in an experiment."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                             text=True, check=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    files = [line[3:].strip() for line in out.splitlines() if line.strip()]
-    return [f for f in files if f not in ignore]
+def _dirty_files() -> list[str]:
+    """Tracked files whose uncommitted changes are code (not written by DVC itself: see _dvc_written)."""
+    return [f for f in _changed_files() or [] if not _dvc_written(f)]
 
 
 def run_record(params: Params, script: str = "stages/train.py") -> RunRecord:
