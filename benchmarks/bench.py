@@ -226,13 +226,22 @@ class BenchHooks(engine.LoopHooks):
         return self.stopped
 
     def stopped_in_epoch(self, state: engine.TrainState) -> None:
-        # The budget ran out inside an epoch: validate what was trained (timed), as an epoch's end does.
+        # The budget ran out inside an epoch: validate, checkpoint and log what was trained (timed),
+        # as an epoch's end does.
         val = engine.evaluate(self.setup.eval_model, self.val_b.epoch(0), amp=self.setup.amp)
+        self._record(state.epoch + 1, {"epoch": state.epoch + 1, "train_loss": state.progress.loss,
+                                       "train_accuracy": state.progress.accuracy, "val_loss": val.loss,
+                                       "val_accuracy": val.accuracy, "lr": self.setup.optimizer.param_groups[0]["lr"]})
         self._finish_epoch({"epoch": state.epoch + 1, "val_accuracy": val.accuracy}, state.progress.seen)
 
     def epoch_finished(self, state: engine.TrainState, row: dict[str, float], improved: bool) -> None:
+        self._record(state.epoch, row)
+        self._finish_epoch(row, row["images_per_second"] * row["epoch_seconds"])
+
+    def _record(self, epoch: int, row: dict[str, float]) -> None:
+        """The per-epoch checkpoint and, with tracking on, the epoch's metrics: part of training time."""
         s = self.setup
-        checkpoint.save(self.ckpt_path, {"epoch": state.epoch, "step": 0, "model_state_dict": s.model.state_dict(),
+        checkpoint.save(self.ckpt_path, {"epoch": epoch, "step": 0, "model_state_dict": s.model.state_dict(),
                                          "optimizer_state_dict": s.optimizer.state_dict(),
                                          "scheduler_state_dict": s.scheduler.state_dict()})
         if self.tracker:
@@ -240,7 +249,6 @@ class BenchHooks(engine.LoopHooks):
             self.tracker.queue_history([{**row, "epoch_seconds": 0.0, "images_per_second": 0.0}])
             self.tracker.log_artifact(self.ckpt_path, "checkpoints", background=True)
             self.tracking_seconds += time.perf_counter() - t_log
-        self._finish_epoch(row, row["images_per_second"] * row["epoch_seconds"])
 
     def _finish_epoch(self, row: dict[str, float], images: float) -> None:
         sync(self.device)

@@ -27,22 +27,24 @@ from cifarpipe.loader import DeviceBatches, channel_stats, dataloader_batches
 # The code whose change makes a half-trained checkpoint someone else's: it is part of the job's
 # fingerprint, so other code never continues it silently.
 _LIB = Path(engine.__file__).parent
-TRAINING_CODE = [Path(__file__), _LIB / "engine.py", _LIB / "loader.py", _LIB / "models.py"]
+TRAINING_CODE = [Path(__file__), _LIB / "engine.py", _LIB / "loader.py", _LIB / "models.py", _LIB / "distributed.py"]
 
 
 class StopRequest:
     """SIGINT/SIGTERM ask for a checkpoint at the next safe point; a second SIGINT stops at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.requested = False
         self.exit_code = 0
+        self.quiet = quiet  # ranks other than 0: rank 0 says it once
 
     def __call__(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after the current batch ...")
+        if not self.quiet:
+            tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after the current batch ...")
 
 
 def training_summary(history: list[dict[str, float]]) -> dict[str, float]:
@@ -68,9 +70,9 @@ def main() -> int:
                   flush=True)
         if p.nproc_per_node > 1:  # this same command, once per process, under torchrun (one node)
             check_world(p, p.nproc_per_node, device)
-            cmd = distributed.launch_command(p.nproc_per_node, __file__, sys.argv[1:])
-            print(f"train.nproc_per_node = {p.nproc_per_node}: {shlex.join(cmd)}", flush=True)
-            os.execv(cmd[0], cmd)  # the same process: `dvc repro`'s signals and exit code go through torchrun
+            print(f"train.nproc_per_node = {p.nproc_per_node}: torchrun "
+                  + shlex.join(distributed.launch_args(p.nproc_per_node, __file__, sys.argv[1:])), flush=True)
+            return distributed.launch(p.nproc_per_node, __file__, sys.argv[1:], device.type)
     group = distributed.start(device.type)
     try:
         if group.active:
@@ -82,6 +84,14 @@ def main() -> int:
             if device.type == "cuda":
                 device = torch.device("cuda", group.local_rank)
         return train(args, params, device, group)
+    except Exception as e:
+        if group.is_main or isinstance(e, UserError):
+            raise
+        # Another process failed first (its collective call broke): rank 0 reports what happened,
+        # this one says only why it stopped, not a second traceback.
+        print(f"rank {group.rank}: stopped ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+              file=sys.stderr)
+        return 1
     finally:
         group.close()
 
@@ -355,7 +365,7 @@ def train(args, params, device: torch.device, group: distributed.Group) -> int:
         saver = Saver(tracker, model, optimizer, scheduler, device, p.seed, fingerprint, params.model.name,
                       last_path, best_path, args.history, tb_dir, already_logged)
 
-    stop = StopRequest()
+    stop = StopRequest(quiet=not main)
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         hooks = StageHooks(stop, steps_per_epoch, p.epochs, mid_epoch=p.loader == "device",
@@ -363,13 +373,18 @@ def train(args, params, device: torch.device, group: distributed.Group) -> int:
         finished = engine.fit(setup, state, p.epochs, epoch_batches, lambda: val_batches.epoch(0), steps_per_epoch,
                               hooks, group=group, log_every=p.log_every if main else 0, log=tqdm.write)
         if not finished:
-            if main:
-                tracker.drain()
-                tracker.finish("KILLED")
-                where = (f"in epoch {state.epoch + 1} after batch {state.progress.step}" if state.progress.step
-                         else f"after epoch {state.epoch}")
-                print(f"stopped {where}: checkpoint saved to {last_path}. Run `dvc repro` to resume.")
-            return stop.exit_code
+            # One status for all processes (a signal may have reached only one). The others exit 0
+            # at once; rank 0 returns it after the run is closed: a failed process would make
+            # torchrun stop the rest, rank 0 in the middle of its last MLflow calls.
+            exit_code = group.max(stop.exit_code, device)
+            if not main:
+                return 0
+            tracker.drain()
+            tracker.finish("KILLED")
+            where = (f"in epoch {state.epoch + 1} after batch {state.progress.step}" if state.progress.step
+                     else f"after epoch {state.epoch}")
+            print(f"stopped {where}: checkpoint saved to {last_path}. Run `dvc repro` to resume.")
+            return exit_code
     except BaseException:
         if tracker:
             tracker.drain(attempts=1)

@@ -4,6 +4,7 @@ number of processes."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,7 +52,7 @@ def test_two_processes_train_one_run_like_one_process(seed, tmp_path):
     seed_project, one = seed
     two = copy_with(seed_project, tmp_path / "two", 2)
     out = run(stage_cmd(two, "train"), two).stdout
-    assert "torch.distributed.run --standalone --nproc_per_node=2" in out
+    assert "torchrun --standalone --nproc_per_node=2" in out
     assert "16 in each of 2 processes" in out
     # Rank 0 alone prints, checkpoints and logs: each epoch once, one run, one job folder.
     for epoch in range(1, EPOCHS + 1):
@@ -72,33 +73,73 @@ def test_two_processes_train_one_run_like_one_process(seed, tmp_path):
 
 
 def test_a_checkpoint_resumes_across_world_sizes_in_the_same_run(seed, tmp_path):
-    """Stopped in 2 processes (SIGTERM, mid-epoch), resumed in 1 and killed (SIGKILL), finished in 2:
-    one MLflow run, every epoch logged once, and the training one process does alone."""
+    """Stopped in 2 processes by a SIGTERM that reaches one of them, resumed in 1 process and stopped
+    again mid-epoch, finished in 2 (resuming mid-epoch): one MLflow run, every epoch logged once,
+    and the training one process does alone."""
     seed_project, one = seed
     project = copy_with(seed_project, tmp_path / "p", 2)
-    # SIGTERM reaches both processes at step 4; they agree to stop at the next common check (step 10).
-    stopped = run(stage_cmd(project, "train"), project, env={"CIFARPIPE_FAULT": "step:1:4:TERM"}, check=False)
-    assert stopped.returncode != 0
+    # Both workers freeze at step 4 and SIGTERM reaches rank 1 alone (torchrun's forwarded signal
+    # lands at different steps): rank 0 must stop with it, at the next common check (step 10).
+    agent = subprocess.Popen(stage_cmd(project, "train"), cwd=project, env=stage_env("step:1:4:STOP"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        workers = stopped_workers(agent)
+        rank1, = [w for w in workers if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{w}/environ").read_bytes()]
+        os.kill(rank1, signal.SIGTERM)
+        for w in workers:
+            os.kill(w, signal.SIGCONT)
+        out = agent.communicate(timeout=300)[0]
+    finally:
+        kill_tree(agent)
+    assert agent.returncode == 143, out  # as one process: 128 + SIGTERM
+    assert "stopped in epoch 1 after batch 10" in out and "Traceback" not in out
     ckpt = torch.load(job_dir(project) / "last.pt", weights_only=True)
-    assert (ckpt["epoch"], ckpt["step"]) == (0, 10), stopped.stdout + stopped.stderr
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 10)
     assert ckpt["epoch_progress"]["seen"] == 10 * 32  # both processes' images, summed on rank 0
     run_id = (project / "outputs/run_id.txt").read_text().strip()
     client, runs = runs_of(project)
     assert [r.info.status for r in runs] == ["KILLED"]
 
     set_params(project, **{"train.nproc_per_node": 1})
-    killed = run(stage_cmd(project, "train"), project, env={"CIFARPIPE_FAULT": "step:2:5"}, check=False)
-    assert killed.returncode == -signal.SIGKILL
-    assert "resuming from" in killed.stdout and "epoch 1, batch 10 of 13" in killed.stdout
+    stopped = run(stage_cmd(project, "train"), project, env={"CIFARPIPE_FAULT": "step:2:5:TERM"}, check=False)
+    assert stopped.returncode == 143, stopped.stdout + stopped.stderr
+    assert "resuming from" in stopped.stdout and "epoch 1, batch 10 of 13" in stopped.stdout
 
     set_params(project, **{"train.nproc_per_node": 2})
     done = run(stage_cmd(project, "train"), project)
-    assert "epoch 2, batch 0 of 13, in 2 processes" in done.stdout
+    # Mid-epoch in 2 processes: rank 0 continues the checkpoint's sums, the other starts from zero.
+    assert "epoch 2, batch 5 of 13, in 2 processes" in done.stdout
     assert (project / "outputs/run_id.txt").read_text().strip() == run_id
     client, runs = runs_of(project)
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
     assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == list(range(1, EPOCHS + 1))
     pd.testing.assert_frame_equal(history(project), history(one), check_exact=False, rtol=1e-4, atol=1e-6)
+
+
+def stage_env(fault: str) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "CIFARPIPE_FAULT": fault}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def stopped_workers(agent: subprocess.Popen) -> list[int]:
+    """The two workers under the stage's torchrun, once both have frozen themselves (SIGSTOP)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and agent.poll() is None:
+        workers = _children(agent.pid)
+        if len(workers) == 2 and all(Path(f"/proc/{w}/stat").read_text().split(")")[1].split()[0] == "T"
+                                     for w in workers if Path(f"/proc/{w}/stat").exists()):
+            return workers
+        time.sleep(0.5)
+    raise AssertionError("two stopped workers under torchrun")
+
+
+def kill_tree(agent: subprocess.Popen) -> None:
+    for pid in [agent.pid, *_children(agent.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _children(pid: int) -> list[int]:
@@ -120,21 +161,10 @@ def test_kill_9_of_torchrun_takes_its_workers_down_and_the_rerun_finishes_the_sa
     `kill -9` of torchrun would leave them training on as orphans beside the next run."""
     seed_project, _ = seed
     project = copy_with(seed_project, tmp_path / "p", 2)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "CIFARPIPE_FAULT": "step:1:3:STOP"}  # every worker freezes itself at step 3, mid-epoch
-    env.pop("MLFLOW_TRACKING_URI", None)
-    agent = subprocess.Popen(stage_cmd(project, "train"), cwd=project, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    agent = subprocess.Popen(stage_cmd(project, "train"), cwd=project, env=stage_env("step:1:3:STOP"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # both freeze at step 3
     try:
-        deadline = time.monotonic() + 300
-        workers: list[int] = []
-        while time.monotonic() < deadline and agent.poll() is None:
-            workers = _children(agent.pid)
-            if len(workers) == 2 and all(Path(f"/proc/{w}/stat").read_text().split(")")[1].split()[0] == "T"
-                                         for w in workers if Path(f"/proc/{w}/stat").exists()):
-                break
-            time.sleep(0.5)
-        assert len(workers) == 2, "two stopped workers under torchrun"
+        workers = stopped_workers(agent)
         agent.send_signal(signal.SIGKILL)
         agent.wait(30)
         deadline = time.monotonic() + 30
@@ -142,16 +172,40 @@ def test_kill_9_of_torchrun_takes_its_workers_down_and_the_rerun_finishes_the_sa
             time.sleep(0.2)
         assert not any(_alive(w) for w in workers), "workers outlived torchrun"
     finally:
-        for pid in [agent.pid, *_children(agent.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_tree(agent)
     run_id = (project / "outputs/run_id.txt").read_text().strip()
     done = run(stage_cmd(project, "train"), project)
     assert "continuing MLflow run" in done.stdout
     client, runs = runs_of(project)
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
+
+
+def test_sigterm_to_the_stage_stops_every_process_at_a_checkpoint_with_status_143(seed, tmp_path):
+    """What `dvc` or a batch system does: SIGTERM to the stage's process (torchrun's), which forwards
+    it to the workers; they checkpoint and the stage exits as one process would."""
+    seed_project, _ = seed
+    project = copy_with(seed_project, tmp_path / "p", 2)
+    agent = subprocess.Popen(stage_cmd(project, "train"), cwd=project, env=stage_env("step:1:3:STOP"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        workers = stopped_workers(agent)
+        agent.send_signal(signal.SIGTERM)
+        time.sleep(1)  # torchrun forwards SIGTERM to the frozen workers (delivered on SIGCONT)
+        for w in workers:
+            os.kill(w, signal.SIGCONT)
+        out = agent.communicate(timeout=120)[0]
+    finally:
+        kill_tree(agent)
+    assert agent.returncode == 143, out
+    assert "Traceback" not in out
+    # At the first common check after the signal: step 10 if it landed before SIGCONT, later otherwise.
+    where = re.search(r"stopped in epoch (\d+) after batch (\d+)|stopped after epoch (\d+)", out)
+    assert where, out
+    ckpt = torch.load(job_dir(project) / "last.pt", weights_only=True)
+    if where[1]:
+        assert (ckpt["epoch"] + 1, ckpt["step"]) == (int(where[1]), int(where[2]))
+    else:
+        assert (ckpt["epoch"], ckpt["step"]) == (int(where[3]), 0)
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused_before_any_process_starts(seed, tmp_path):
@@ -160,4 +214,13 @@ def test_a_batch_that_does_not_split_evenly_is_refused_before_any_process_starts
     proc = run(stage_cmd(project, "train"), project, check=False)
     assert proc.returncode == 2
     assert "train.batch_size = 32 does not split evenly over 3 processes" in proc.stderr
-    assert "torch.distributed.run" not in proc.stdout
+    assert "torchrun" not in proc.stdout
+
+
+def test_an_error_in_a_process_ends_the_stage_with_its_status(seed, tmp_path):
+    """A UserError on rank 0 (here: an unreachable store) exits 2 with its message, as one process does."""
+    seed_project, _ = seed
+    project = copy_with(seed_project, tmp_path / "p", 2)
+    proc = run(stage_cmd(project, "train"), project, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: the MLflow tracking store http://127.0.0.1:9 is unreachable" in proc.stderr

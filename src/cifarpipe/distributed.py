@@ -14,6 +14,7 @@ the single-process path runs exactly the code it ran before DDP existed.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -56,7 +57,23 @@ class Group:
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every process if it is True on any: all ranks stop at the same step."""
-        return self.sum([float(flag)], device)[0] > 0 if self.active else flag
+        return self.max(int(flag), device) > 0
+
+    def max(self, value: int, device: torch.device) -> int:
+        """The largest of the processes' values (e.g. the exit status a stop ends with)."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every process. DDP copies them at the
+        start of each training forward, so after the epoch's last step every process holds its
+        own shard's update; validation must use the one model rank 0 saves."""
+        if self.active:
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every process (pickled; e.g. the checkpoint to resume from)."""
@@ -116,7 +133,35 @@ def _die_with_parent() -> None:
         os._exit(137)
 
 
-def launch_command(nproc_per_node: int, script: str, argv: list[str]) -> list[str]:
-    """`torchrun --standalone --nproc_per_node N script argv...`, as torch documents it for one node."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            script, *argv]
+def launch_args(nproc_per_node: int, script: str, argv: list[str]) -> list[str]:
+    """torchrun's arguments for one node, as torch documents them: `--standalone --nproc_per_node N script argv...`."""
+    return ["--standalone", f"--nproc_per_node={nproc_per_node}", script, *argv]
+
+
+def launch(nproc_per_node: int, script: str, argv: list[str], device_type: str) -> int:
+    """Run `script argv` in `nproc_per_node` processes under torchrun (torch.distributed.run, in this
+    process: it is the workers' parent, forwards SIGINT/SIGTERM to them and waits). Returns the exit
+    status a single process would have given: 0, the first failed worker's status (2 for a
+    UserError, 128 + N for signal N: 130 after Ctrl-C, 143 after SIGTERM), or 128 + the signal that
+    stopped torchrun itself."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # torchrun would set 1 thread per process; the CPU's cores shared out instead, so that
+        # N processes use the machine as one process does.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+    # torchrun's own log: its warnings (each closing signal it sends) out, its errors kept.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    try:
+        torchrun.run(torchrun.parse_args(launch_args(nproc_per_node, script, argv)))
+    except ChildFailedError as e:
+        # Rank 0's status when it failed: it has the error the user must see (the others then
+        # fail only because it left), else the first failure's.
+        failure = e.failures.get(0) or e.get_first_failure()[1]
+        code = failure.exitcode
+        return 128 - code if code < 0 else code
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0

@@ -256,7 +256,8 @@ def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False, tta_flip:
         correct += (pred == y).sum()
         preds.append(pred)
         n += len(y)
-    return EvalResult(loss_sum.item() / max(n, 1), correct.item() / max(n, 1), torch.cat(preds).cpu().numpy())
+    predictions = torch.cat(preds).cpu().numpy() if preds else np.empty(0, np.int64)  # a rank may get no images
+    return EvalResult(loss_sum.item() / max(n, 1), correct.item() / max(n, 1), predictions)
 
 
 # ---------------------------------------------------------------- the epoch loop
@@ -341,6 +342,7 @@ def fit(setup: TrainingSetup, state: TrainState, epochs: int, train_batches: Cal
             return False
 
         hooks.validation_started(epoch)
+        group.sync_buffers(setup.model)
         val = evaluate(setup.eval_model, val_batches(), amp=setup.amp)
         if group.active:  # this process's part of the validation set, added up
             n = len(val.predictions)
