@@ -80,18 +80,12 @@ def test_a_checkpoint_resumes_across_world_sizes_in_the_same_run(seed, tmp_path)
     project = copy_with(seed_project, tmp_path / "p", 2)
     # Both workers freeze at step 4 and SIGTERM reaches rank 1 alone (torchrun's forwarded signal
     # lands at different steps): rank 0 must stop with it, at the next common check (step 10).
-    agent = subprocess.Popen(stage_cmd(project, "train"), cwd=project, env=stage_env("step:1:4:STOP"),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        workers = stopped_workers(agent)
+    def term_rank_1(agent: subprocess.Popen, workers: list[int]) -> None:
         rank1, = [w for w in workers if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{w}/environ").read_bytes()]
         os.kill(rank1, signal.SIGTERM)
-        for w in workers:
-            os.kill(w, signal.SIGCONT)
-        out = agent.communicate(timeout=300)[0]
-    finally:
-        kill_tree(agent)
-    assert agent.returncode == 143, out  # as one process: 128 + SIGTERM
+
+    returncode, out = run_frozen(project, "step:1:4:STOP", term_rank_1)
+    assert returncode == 143, out  # as one process: 128 + SIGTERM
     assert "stopped in epoch 1 after batch 10" in out and "Traceback" not in out
     ckpt = torch.load(job_dir(project) / "last.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (0, 10)
@@ -134,6 +128,22 @@ def stopped_workers(agent: subprocess.Popen) -> list[int]:
     raise AssertionError("two stopped workers under torchrun")
 
 
+def run_frozen(project: Path, fault: str, act) -> tuple[int, str]:
+    """Run the train stage until both workers freeze themselves (`fault` ends in :STOP), call
+    act(stage process, workers), let the workers go on; the stage's exit status and output."""
+    agent = subprocess.Popen(stage_cmd(project, "train"), cwd=project, env=stage_env(fault),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        workers = stopped_workers(agent)
+        act(agent, workers)
+        for w in workers:
+            os.kill(w, signal.SIGCONT)
+        out = agent.communicate(timeout=300)[0]  # reads while waiting: a full pipe would block the stage
+        return agent.returncode, out
+    finally:
+        kill_tree(agent)
+
+
 def kill_tree(agent: subprocess.Popen) -> None:
     for pid in [agent.pid, *_children(agent.pid)]:
         try:
@@ -156,6 +166,7 @@ def _alive(pid: int) -> bool:
     return not (status.exists() and "zombie" in status.read_text())
 
 
+@pytest.mark.slow  # the default run stays near 10 minutes; `pytest -m slow` runs it
 def test_kill_9_of_torchrun_takes_its_workers_down_and_the_rerun_finishes_the_same_run(seed, tmp_path):
     """torchrun starts each worker in a session of its own: without the parent-death signal a
     `kill -9` of torchrun would leave them training on as orphans beside the next run."""
@@ -185,18 +196,12 @@ def test_sigterm_to_the_stage_stops_every_process_at_a_checkpoint_with_status_14
     it to the workers; they checkpoint and the stage exits as one process would."""
     seed_project, _ = seed
     project = copy_with(seed_project, tmp_path / "p", 2)
-    agent = subprocess.Popen(stage_cmd(project, "train"), cwd=project, env=stage_env("step:1:3:STOP"),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        workers = stopped_workers(agent)
+    def term_stage(agent: subprocess.Popen, workers: list[int]) -> None:
         agent.send_signal(signal.SIGTERM)
         time.sleep(1)  # torchrun forwards SIGTERM to the frozen workers (delivered on SIGCONT)
-        for w in workers:
-            os.kill(w, signal.SIGCONT)
-        out = agent.communicate(timeout=120)[0]
-    finally:
-        kill_tree(agent)
-    assert agent.returncode == 143, out
+
+    returncode, out = run_frozen(project, "step:1:3:STOP", term_stage)
+    assert returncode == 143, out
     assert "Traceback" not in out
     # At the first common check after the signal: step 10 if it landed before SIGCONT, later otherwise.
     where = re.search(r"stopped in epoch (\d+) after batch (\d+)|stopped after epoch (\d+)", out)

@@ -92,6 +92,7 @@ def test_evaluate_agrees_with_an_independent_computation_and_the_logged_model_wi
     assert logged.predict(images)["class"].tolist() == names[preds].tolist()
 
 
+@pytest.mark.slow  # the default run stays near 10 minutes; `pytest -m slow` runs it
 def test_other_evaluate_params_never_write_into_the_training_run(project):
     run(["dvc", "repro"], project)
     [train] = all_runs(project)

@@ -101,6 +101,7 @@ def test_dvc_repro_trains_evaluates_and_tracks_one_complete_run(project, monkeyp
     assert len(all_runs(project)) == 3
 
 
+@pytest.mark.slow  # the default run stays near 10 minutes; `pytest -m slow` runs it
 def test_dvc_exp_run_lands_in_mlflow_with_its_params(project):
     run(["dvc", "repro"], project)
     git_commit(project, "baseline results")
@@ -112,6 +113,7 @@ def test_dvc_exp_run_lands_in_mlflow_with_its_params(project):
     assert "0.0003" in shown
 
 
+@pytest.mark.slow  # the default run stays near 10 minutes; `pytest -m slow` runs it
 def test_mlflow_run_yields_exactly_one_complete_run(project):
     run(["dvc", "repro", "split"], project)  # the data stages, as a user would have them cached
     git_commit(project, "data")
@@ -146,6 +148,7 @@ def test_mlflow_run_entry_in_a_bare_environment_explains_the_env_manager(tmp_pat
     assert "--env-manager local" in proc.stderr and "torch" in proc.stderr
 
 
+@pytest.mark.slow  # the default run stays near 10 minutes; `pytest -m slow` runs it
 def test_experiments_compare_in_dvc_and_applying_one_reruns_nothing(project):
     run(["dvc", "repro"], project)
     git_commit(project, "baseline results")  # metrics and plots files are committed, DVC's convention

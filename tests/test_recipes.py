@@ -81,6 +81,7 @@ def _runs(project):
                   key=lambda r: r.info.start_time)
 
 
+@pytest.mark.slow  # the default run stays near 10 minutes; `pytest -m slow` runs it
 def test_one_flag_selects_a_recipe_in_dvc_exp_run_and_mlflow_logs_its_values(project):
     run(["dvc", "repro", "split"], project)
     git_commit(project, "data")

@@ -90,6 +90,7 @@ def test_a_tampered_record_is_reported_value_by_value(trained, tmp_path, monkeyp
     assert rows["test_accuracy"][1:] == ["-", repr(test_accuracy + 0.01), repr(test_accuracy), "-0.01"]
 
 
+@pytest.mark.slow  # the default run stays near 10 minutes; `pytest -m slow` runs it
 def test_a_run_with_uncommitted_code_is_refused_naming_the_files(trained, tmp_path):
     project, client, original, *_ = trained
     train_py = project / "stages/train.py"

@@ -135,7 +135,12 @@ def assert_killed_where_said(project: Path, fault: str, killed) -> None:
         assert not ckpt["complete"]
 
 
-@pytest.mark.parametrize("fault", FAULTS)
+# Three of the eight moments run with `pytest -m slow` only (the default run stays near 10 minutes):
+# each neighbours a moment that stays (validation ~ step, the first checkpoint ~ the last one).
+SLOW_FAULTS = {"validation:2", "after_checkpoint:1", "evaluate:0"}
+
+
+@pytest.mark.parametrize("fault", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAULTS else f for f in FAULTS])
 def test_sigkill_then_dvc_repro_resumes_to_the_same_result(baseline, tmp_path, fault):
     seed, done = baseline
     project = fresh_copy(seed, tmp_path / "p")
@@ -173,6 +178,7 @@ def test_two_fresh_runs_give_identical_results(baseline, tmp_path):
     assert_same_as_uninterrupted(project, done)
 
 
+@pytest.mark.slow  # the default run stays near 10 minutes; `pytest -m slow` runs it
 def test_other_params_train_in_their_own_folder_and_switching_back_resumes(baseline, tmp_path):
     seed, _ = baseline
     project = fresh_copy(seed, tmp_path / "p")
@@ -196,6 +202,7 @@ def test_other_params_train_in_their_own_folder_and_switching_back_resumes(basel
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
 
 
+@pytest.mark.slow  # the default run stays near 10 minutes; `pytest -m slow` runs it
 def test_other_training_code_never_resumes_a_checkpoint(baseline, tmp_path):
     seed, _ = baseline
     project = fresh_copy(seed, tmp_path / "p")
@@ -287,6 +294,7 @@ def warmup_baseline(baseline, tmp_path_factory):
     return warm_seed, done
 
 
+@pytest.mark.slow  # the default run stays near 10 minutes; `pytest -m slow` runs it
 def test_sgd_with_warmup_is_logged_and_a_kill_inside_the_warmup_resumes_exactly(warmup_baseline, tmp_path):
     seed, done = warmup_baseline
     client, (reference,) = runs_of(done)

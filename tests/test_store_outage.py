@@ -250,6 +250,7 @@ def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project,
     assert run(["dvc", "status"], project).stdout.strip().endswith("up to date.")
 
 
+@pytest.mark.slow  # the default run stays near 10 minutes; `pytest -m slow` runs it
 @pytest.mark.parametrize("fault, refused", [
     ("step:2:3", "/metrics/get-history"),  # resuming: reading what the run already has
     ("step:1:3", "/runs/get"),  # killed before the first checkpoint: looking at the orphan run
