@@ -133,6 +133,7 @@ def run_frozen(project: Path, fault: str, act) -> tuple[int, str]:
     act(stage process, workers), let the workers go on; the stage's exit status and output."""
     agent = subprocess.Popen(stage_cmd(project, "train"), cwd=project, env=stage_env(fault),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers: list[int] = []
     try:
         workers = stopped_workers(agent)
         act(agent, workers)
@@ -141,11 +142,12 @@ def run_frozen(project: Path, fault: str, act) -> tuple[int, str]:
         out = agent.communicate(timeout=300)[0]  # reads while waiting: a full pipe would block the stage
         return agent.returncode, out
     finally:
-        kill_tree(agent)
+        kill_tree(agent, workers)
 
 
-def kill_tree(agent: subprocess.Popen) -> None:
-    for pid in [agent.pid, *_children(agent.pid)]:
+def kill_tree(agent: subprocess.Popen, workers: list[int] = ()) -> None:
+    """The stage and its workers, also workers that outlived it (a failed test leaves no frozen orphans)."""
+    for pid in {agent.pid, *_children(agent.pid), *workers}:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -174,6 +176,7 @@ def test_kill_9_of_torchrun_takes_its_workers_down_and_the_rerun_finishes_the_sa
     project = copy_with(seed_project, tmp_path / "p", 2)
     agent = subprocess.Popen(stage_cmd(project, "train"), cwd=project, env=stage_env("step:1:3:STOP"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # both freeze at step 3
+    workers: list[int] = []
     try:
         workers = stopped_workers(agent)
         agent.send_signal(signal.SIGKILL)
@@ -183,7 +186,7 @@ def test_kill_9_of_torchrun_takes_its_workers_down_and_the_rerun_finishes_the_sa
             time.sleep(0.2)
         assert not any(_alive(w) for w in workers), "workers outlived torchrun"
     finally:
-        kill_tree(agent)
+        kill_tree(agent, workers)
     run_id = (project / "outputs/run_id.txt").read_text().strip()
     done = run(stage_cmd(project, "train"), project)
     assert "continuing MLflow run" in done.stdout
