@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cifarpipe import atomic, checkpoint, data, distributed, engine, faults, split, tracking
 from cifarpipe.cli import run_stage, stage_parser
-from cifarpipe.config import UserError, flatten, load_params, recipe_changes
+from cifarpipe.config import TrainParams, UserError, flatten, load_params, recipe_changes
 from cifarpipe.loader import DeviceBatches, channel_stats, dataloader_batches
 
 
@@ -96,7 +96,7 @@ def main() -> int:
         group.close()
 
 
-def check_world(p, world_size: int, device: torch.device) -> None:
+def check_world(p: TrainParams, world_size: int, device: torch.device) -> None:
     """What several processes need, checked before any of them starts."""
     if p.batch_size % world_size:
         raise UserError(f"params.yaml: train.batch_size = {p.batch_size} does not split evenly over {world_size} "
