@@ -12,6 +12,7 @@ import shlex
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -85,8 +86,19 @@ def main() -> int:
                 device = torch.device("cuda", group.local_rank)
         return train(args, params, device, group)
     except Exception as e:
-        if group.is_main or isinstance(e, UserError):
+        if not group.active:
             raise
+        if group.is_main or isinstance(e, UserError):
+            # Report, then exit at once: the other processes see this one's connections close and
+            # stop too, and torchrun must find this process already gone with its own status (2
+            # for a UserError), not still shutting down, when it then stops the rest with SIGTERM.
+            if isinstance(e, UserError):
+                print(f"error: {e}", file=sys.stderr)
+            else:
+                traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2 if isinstance(e, UserError) else 1)
         # Another process failed first (its collective call broke): rank 0 reports what happened,
         # this one says only why it stopped, not a second traceback.
         print(f"rank {group.rank}: stopped ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
