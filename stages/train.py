@@ -334,9 +334,7 @@ def train(args, params, device: torch.device, group: distributed.Group) -> int:
         train_batches = DeviceBatches(torch.from_numpy(train_x).to(device), torch.from_numpy(train_y),
                                       p.batch_size, mean, std, p.augment, seed=p.seed, drop_last=p.drop_last, **shard)
         steps_per_epoch = len(train_batches)
-
-        def epoch_batches(epoch: int, start_step: int):
-            return train_batches.epoch(epoch, start_step)
+        epoch_batches = train_batches.epoch
     else:  # the course's DataLoader path, the baseline; resumes at epoch boundaries only
         steps_per_epoch = len(train_y) // p.batch_size if p.drop_last else -(-len(train_y) // p.batch_size)
 
@@ -380,8 +378,7 @@ def train(args, params, device: torch.device, group: distributed.Group) -> int:
     stop = StopRequest(quiet=not main)
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        hooks = StageHooks(stop, steps_per_epoch, p.epochs, mid_epoch=p.loader == "device",
-                           save=saver)
+        hooks = StageHooks(stop, steps_per_epoch, p.epochs, mid_epoch=p.loader == "device", save=saver)
         finished = engine.fit(setup, state, p.epochs, epoch_batches, lambda: val_batches.epoch(0), steps_per_epoch,
                               hooks, group=group, log_every=p.log_every if main else 0, log=tqdm.write)
         if not finished:

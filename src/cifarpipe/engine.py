@@ -334,8 +334,8 @@ def fit(setup: TrainingSetup, state: TrainState, epochs: int, train_batches: Cal
                                on_step=lambda step: hooks.step_done(epoch, step), should_stop=should_stop)
         seconds = state.seconds + time.perf_counter() - t0
         if group.active:
-            done = EpochProgress(done.step, *group.sum([done.loss_sum, done.correct, done.seen], device))
-            done.correct, done.seen = int(done.correct), int(done.seen)
+            loss_sum, correct, seen = group.sum([done.loss_sum, done.correct, done.seen], device)
+            done = EpochProgress(done.step, loss_sum, int(correct), int(seen))
         if done.step < steps_per_epoch:  # stopped at a safe point inside the epoch
             state.progress, state.seconds = done, seconds
             hooks.stopped_in_epoch(state)

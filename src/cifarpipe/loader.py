@@ -115,7 +115,6 @@ class DeviceBatches:
             x = self.pixels.index_select(0, pixel.view(-1)).view(len(idx), 32, 32, 3)  # uint8 NHWC
             yield torch.addcmul(self.shift, x.permute(0, 3, 1, 2).float(), self.scale), self.labels[idx]
 
-
     def _share(self, start: int, stop: int) -> slice:
         """This process's part of the batch order[start:stop]: as torch.tensor_split cuts it (the
         first `size % world_size` parts one image larger)."""
