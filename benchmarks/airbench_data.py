@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cifarpipe import data
+from cifarpipe.data import archive as data
 
 
 def main() -> None:

@@ -39,10 +39,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifarpipe import atomic, checkpoint, data, engine, split
+from cifarpipe import atomic
+from cifarpipe.data import archive as data
+from cifarpipe.data import split
+from cifarpipe.training import checkpoint, engine
 from cifarpipe.config import Params, UserError, flatten, load_params, with_overrides
-from cifarpipe.loader import DeviceBatches, channel_stats
-from cifarpipe.models import CourseCNN
+from cifarpipe.data.batches import DeviceBatches, channel_stats
+from cifarpipe.training.models import CourseCNN
 
 
 @dataclass
@@ -180,12 +183,12 @@ def _our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, params: 
     if tracking_dir is not None:
         import mlflow
 
-        from cifarpipe import tracking
+        from cifarpipe.tracking import job, provenance, store
 
         t_setup = time.perf_counter()
         mlflow.set_tracking_uri(f"sqlite:///{tracking_dir / 'mlflow.db'}")
-        tracker = tracking.Tracker.start(tracking.connect(), "benchmark", None)
-        tracker.log_start(flatten(params), {}, tracking.requirements_text())
+        tracker = job.open_run(store.connect(), "benchmark", None)
+        tracker.log_start(flatten(params), {}, provenance.requirements_text())
         result.extra["tracking_setup_seconds"] = time.perf_counter() - t_setup  # once per run, before epoch 1
 
     hooks = BenchHooks(name, result, setup, device, ckpt_path, tracker, val_b, test_b if test else None,

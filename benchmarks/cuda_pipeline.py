@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 import yaml
 
-from cifarpipe import split
+from cifarpipe.data import split
 from cifarpipe.config import flatten, load_params, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]

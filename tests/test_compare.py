@@ -13,9 +13,12 @@ from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import git_commit, make_project, run, serve_folder, set_params
-from cifarpipe import compare, report, tracking
+from cifarpipe import report
+from cifarpipe.commands import compare
+from cifarpipe.tracking import tensorboard
 from cifarpipe.config import UserError
-from cifarpipe.tracking import EPOCH_METRICS, StoredRun
+from cifarpipe.tracking.run import EPOCH_METRICS
+from cifarpipe.tracking.runs import StoredRun
 
 EPOCHS = 2
 
@@ -42,7 +45,7 @@ def store(project: Path) -> MlflowClient:
 
 
 def compare_cmd(project: Path, *args: str, check: bool = True):
-    return run([sys.executable, "-m", "cifarpipe.compare", *args], project, check=check)
+    return run([sys.executable, "-m", "cifarpipe.commands.compare", *args], project, check=check)
 
 
 def test_compare_prints_and_writes_the_table_and_curves_from_a_real_store(tracked):
@@ -165,7 +168,7 @@ def test_tensorboard_event_files_hold_every_epoch_once(tracked):
     assert len(folders) == 2 and {f.name for f in folders} == {f"{r.info.run_name}_{r.info.run_id[:8]}" for r in runs}
     for r in runs:
         folder = tracked / "outputs/tensorboard" / f"{r.info.run_name}_{r.info.run_id[:8]}"
-        assert [p.name for p in folder.iterdir() if "tfevents" in p.name] == [tracking.TENSORBOARD_FILE]
+        assert [p.name for p in folder.iterdir() if "tfevents" in p.name] == [tensorboard.TENSORBOARD_FILE]
         got = scalars(folder)
         assert set(got) == set(EPOCH_METRICS)
         for key in EPOCH_METRICS:  # run A was killed in epoch 2 and resumed: still each epoch once
@@ -173,16 +176,16 @@ def test_tensorboard_event_files_hold_every_epoch_once(tracked):
             assert [s for s, _ in got[key]] == list(range(1, EPOCHS + 1)), key
             assert [v for _, v in got[key]] == pytest.approx([v for _, v in want], rel=1e-6), key
         arts = {a.path for a in client.list_artifacts(r.info.run_id, f"tensorboard/{folder.name}")}
-        assert arts == {f"tensorboard/{folder.name}/{tracking.TENSORBOARD_FILE}"}
+        assert arts == {f"tensorboard/{folder.name}/{tensorboard.TENSORBOARD_FILE}"}
 
 
 def test_tensorboard_rewrite_replaces_earlier_epochs(tmp_path):
     rows = [{"epoch": e, **{k: e + i / 10 for i, k in enumerate(EPOCH_METRICS)}} for e in (1, 2, 3)]
     folder = tmp_path / "run_1234"
-    tracking.write_tensorboard(folder, rows[:2])
+    tensorboard.write_tensorboard(folder, rows[:2])
     (folder / "events.partial").write_bytes(b"half a file a kill left")  # ignored, then replaced
-    tracking.write_tensorboard(folder, rows)  # e.g. a resumed job: the whole history again
+    tensorboard.write_tensorboard(folder, rows)  # e.g. a resumed job: the whole history again
     got = scalars(folder)
     assert got["train_loss"] == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert [s for s, _ in got["images_per_second"]] == [1, 2, 3]
-    assert sorted(p.name for p in folder.iterdir()) == [tracking.TENSORBOARD_FILE]
+    assert sorted(p.name for p in folder.iterdir()) == [tensorboard.TENSORBOARD_FILE]

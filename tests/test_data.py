@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cifar_archive import build_archive, build_bomb, evil_pickle, expected_arrays
-from cifarpipe import data
+from cifarpipe.data import archive as data
 from cifarpipe.config import UserError
 
 

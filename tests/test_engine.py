@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cifarpipe import checkpoint, engine
+from cifarpipe.training import checkpoint, engine, optim
 from cifarpipe.config import ModelParams, OptimizerParams, SchedulerParams
-from cifarpipe.models import build_model
+from cifarpipe.training.models import build_model
 
 ADAM = OptimizerParams(name="adam", lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum=0.9,
                        nesterov=False)
@@ -30,7 +30,7 @@ def test_one_training_step_lowers_the_loss():
     model = build_model(ModelParams(name="course_cnn", width=64))
     (x, y), = tiny_batches(16, 16)
     loss_fn = torch.nn.CrossEntropyLoss()
-    opt = engine.make_optimizer(model, ADAM)
+    opt = optim.make_optimizer(model, ADAM)
     before = loss_fn(model(x), y).item()
     engine.train_one_epoch(model, [(x, y)], opt, loss_fn)
     assert loss_fn(model(x), y).item() < before
@@ -40,7 +40,7 @@ def test_the_default_network_trains_a_few_steps_on_tiny_data():
     torch.manual_seed(0)
     model = build_model(ModelParams(name="cifar_resnet", width=16))
     batches = tiny_batches(32, 16)
-    opt = engine.make_optimizer(model, ADAM)
+    opt = optim.make_optimizer(model, ADAM)
     loss_fn = torch.nn.CrossEntropyLoss()
     first = engine.train_one_epoch(model, batches, opt, loss_fn)
     for _ in range(4):
@@ -52,7 +52,7 @@ def test_the_default_network_trains_a_few_steps_on_tiny_data():
 
 def test_epoch_sums_count_every_image_and_should_stop_ends_at_a_safe_point():
     model = build_model(ModelParams(name="course_cnn", width=64))
-    opt = engine.make_optimizer(model, ADAM)
+    opt = optim.make_optimizer(model, ADAM)
     p = engine.train_one_epoch(model, tiny_batches(64, 16), opt, torch.nn.CrossEntropyLoss())
     assert (p.step, p.seen) == (4, 64) and 0 <= p.accuracy <= 1
     stopped = engine.train_one_epoch(model, tiny_batches(64, 16), opt, torch.nn.CrossEntropyLoss(),
@@ -63,7 +63,7 @@ def test_epoch_sums_count_every_image_and_should_stop_ends_at_a_safe_point():
 def test_running_loss_is_printed_every_n_batches():
     model = build_model(ModelParams(name="course_cnn", width=64))
     lines = []
-    engine.train_one_epoch(model, tiny_batches(64, 8), engine.make_optimizer(model, ADAM),
+    engine.train_one_epoch(model, tiny_batches(64, 8), optim.make_optimizer(model, ADAM),
                            torch.nn.CrossEntropyLoss(), log_every=4, log=lines.append)
     assert len(lines) == 2 and "running loss" in lines[0]
 
@@ -71,10 +71,10 @@ def test_running_loss_is_printed_every_n_batches():
 def test_checkpoint_dict_round_trips_with_weights_only_loading(tmp_path):
     torch.manual_seed(0)
     model = build_model(ModelParams(name="course_cnn", width=64))
-    opt = engine.make_optimizer(model, ADAM)
-    sched = engine.make_scheduler(opt, PLATEAU)
+    opt = optim.make_optimizer(model, ADAM)
+    sched = optim.make_scheduler(opt, PLATEAU)
     engine.train_one_epoch(model, tiny_batches(), opt, torch.nn.CrossEntropyLoss())
-    sched.end_epoch(0, engine.EvalResult(loss=1.0, accuracy=0.5, predictions=np.empty(0)))
+    sched.end_epoch(0, val_accuracy=0.5, val_loss=1.0)
     ckpt = {"epoch": 3, "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
             "scheduler_state_dict": sched.state_dict(), "loss": 1.5, "step": 0, "rng": checkpoint.rng_state(torch.device("cpu")),
             "history": [{"epoch": 1, "val_accuracy": 0.5}], "complete": False, "fingerprint": "abc"}
@@ -83,9 +83,9 @@ def test_checkpoint_dict_round_trips_with_weights_only_loading(tmp_path):
     assert loaded["epoch"] == 3 and loaded["loss"] == 1.5
     model2 = build_model(ModelParams(name="course_cnn", width=64))
     model2.load_state_dict(loaded["model_state_dict"])
-    opt2 = engine.make_optimizer(model2, ADAM)
+    opt2 = optim.make_optimizer(model2, ADAM)
     opt2.load_state_dict(loaded["optimizer_state_dict"])
-    sched2 = engine.make_scheduler(opt2, PLATEAU)
+    sched2 = optim.make_scheduler(opt2, PLATEAU)
     sched2.load_state_dict(loaded["scheduler_state_dict"])
     assert sched2.plateau.best == 0.5
     for a, b in zip(model.parameters(), model2.parameters()):
@@ -170,7 +170,7 @@ def test_sgd_is_the_optimizer_when_named_and_steps_exactly_like_torch_sgd():
     torch.manual_seed(0)
     model = build_model(ModelParams(name="course_cnn", width=64))
     reference = copy.deepcopy(model)
-    opt = engine.make_optimizer(model, sgd)
+    opt = optim.make_optimizer(model, sgd)
     assert type(opt) is torch.optim.SGD and opt.defaults["fused"]  # one kernel, as Adam on the CPU
     assert (opt.defaults["momentum"], opt.defaults["nesterov"], opt.defaults["weight_decay"]) == (0.9, True, 1e-3)
     # The same three steps (momentum matters from the second on) with torch's plain SGD of the course's values.
@@ -180,35 +180,35 @@ def test_sgd_is_the_optimizer_when_named_and_steps_exactly_like_torch_sgd():
     engine.train_one_epoch(reference, tiny_batches(48, 16), ref_opt, loss_fn)
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    adam = engine.make_optimizer(build_model(ModelParams(name="course_cnn", width=64)), ADAM)
+    adam = optim.make_optimizer(build_model(ModelParams(name="course_cnn", width=64)), ADAM)
     assert type(adam) is torch.optim.Adam and adam.defaults["fused"]
 
 
-def _lrs(schedule: engine.EpochSchedule, val_accuracies: list[float]) -> list[float]:
+def _lrs(schedule: optim.EpochSchedule, val_accuracies: list[float]) -> list[float]:
     """The rate each epoch trains with, the stage's way: start_epoch, (training), validation, end_epoch."""
     lrs = []
     for epoch, acc in enumerate(val_accuracies):
         lrs.append(schedule.start_epoch(epoch))
-        schedule.end_epoch(epoch, engine.EvalResult(loss=1 - acc, accuracy=acc, predictions=np.empty(0)))
+        schedule.end_epoch(epoch, val_accuracy=acc, val_loss=1 - acc)
     return lrs
 
 
 def test_warmup_rises_per_epoch_then_the_plateau_scheduler_starts_with_its_full_patience():
     model = build_model(ModelParams(name="course_cnn", width=64))
-    opt = engine.make_optimizer(model, ADAM.model_copy(update={"lr": 0.01}))
+    opt = optim.make_optimizer(model, ADAM.model_copy(update={"lr": 0.01}))
     warm = PLATEAU.model_copy(update={"patience": 1, "threshold": 0.0, "warmup_epochs": 2, "warmup_start_factor": 0.25})
     # Validation accuracy falls during warm-up. Counted, epochs 1-3 would be two bad epochs after the
     # best (epoch 1) and cut the rate after epoch 3. Not counted, epoch 3 (0.30) is the plateau's
     # first value; epoch 4 improves it, 5 and 6 are its two bad epochs (patience 1): the cut comes after 6.
-    lrs = _lrs(engine.make_scheduler(opt, warm), [0.50, 0.40, 0.30, 0.35, 0.34, 0.33, 0.32])
+    lrs = _lrs(optim.make_scheduler(opt, warm), [0.50, 0.40, 0.30, 0.35, 0.34, 0.33, 0.32])
     assert lrs == pytest.approx([0.0025, 0.00625, 0.01, 0.01, 0.01, 0.01, 0.001], rel=1e-12)
     assert lrs[2] == 0.01  # the warm-up ends at the configured rate exactly
     # `none`: the warm-up, then the configured rate whatever validation says; nothing to checkpoint.
-    opt = engine.make_optimizer(model, ADAM.model_copy(update={"lr": 0.01}))
-    constant = engine.make_scheduler(opt, warm.model_copy(update={"name": "none"}))
+    opt = optim.make_optimizer(model, ADAM.model_copy(update={"lr": 0.01}))
+    constant = optim.make_scheduler(opt, warm.model_copy(update={"name": "none"}))
     assert _lrs(constant, [0.5, 0.4, 0.3, 0.2]) == pytest.approx([0.0025, 0.00625, 0.01, 0.01], rel=1e-12)
     assert constant.state_dict() == {}
     # No warm-up: the course's plateau scheduler from the first epoch (patience 1: cut after epoch 3).
-    opt = engine.make_optimizer(model, ADAM.model_copy(update={"lr": 0.01}))
-    plain = engine.make_scheduler(opt, PLATEAU.model_copy(update={"patience": 1, "threshold": 0.0}))
+    opt = optim.make_optimizer(model, ADAM.model_copy(update={"lr": 0.01}))
+    plain = optim.make_scheduler(opt, PLATEAU.model_copy(update={"patience": 1, "threshold": 0.0}))
     assert _lrs(plain, [0.5, 0.4, 0.3, 0.2]) == pytest.approx([0.01, 0.01, 0.01, 0.001], rel=1e-12)

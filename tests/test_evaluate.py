@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from conftest import run, set_params
 from cifarpipe import report
 from cifarpipe.config import ModelParams
-from cifarpipe.models import build_model
+from cifarpipe.training.models import build_model
 
 
 def store(project) -> MlflowClient:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cifarpipe.config import AugmentParams
-from cifarpipe.loader import DeviceBatches, channel_stats, dataloader_batches
+from cifarpipe.data.batches import DeviceBatches, channel_stats, dataloader_batches
 
 AUG = AugmentParams(enabled=True, crop_padding=4, flip=True)
 NO_AUG = AugmentParams(enabled=False, crop_padding=4, flip=True)

@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import git_commit, run, set_params
-from cifarpipe.tracking import EPOCH_METRICS
+from cifarpipe.tracking.run import EPOCH_METRICS
 
 
 def store(project) -> MlflowClient:

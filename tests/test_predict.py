@@ -26,9 +26,10 @@ import torch
 from PIL import Image
 
 from conftest import BIN, REPO, make_project, run, serve_folder
-from cifarpipe import inference, predict
+from cifarpipe.commands import predict
+from cifarpipe.serving import inference
 from cifarpipe.config import ModelParams, UserError
-from cifarpipe.models import build_model
+from cifarpipe.training.models import build_model
 
 MODEL = "cifar10-classifier"  # params.yaml's tracking.registered_model
 
@@ -185,7 +186,7 @@ def test_predict_classifies_files_reports_bad_ones_and_writes_csv(trained, tmp_p
     (tmp_path / "notes.txt").write_text("not an image")
     args = files[:2] + ["corrupt.png", "photo.jpg", "notes.txt", "missing.png"] + files[2:]
 
-    proc = run([sys.executable, "-m", "cifarpipe.predict", *args, "--model", str(project / "outputs/model.pt"),
+    proc = run([sys.executable, "-m", "cifarpipe.commands.predict", *args, "--model", str(project / "outputs/model.pt"),
                 "--csv", "out.csv"], tmp_path, check=False)
     assert proc.returncode == predict.SOME_FAILED_EXIT and "Traceback" not in proc.stderr, proc.stderr
     for name, reason in (("corrupt.png", "unreadable image"), ("notes.txt", "not a PNG or JPEG"),
@@ -239,5 +240,32 @@ def test_predict_refuses_clearly_without_a_usable_model(trained, store, tmp_path
 def test_the_console_script_is_the_commands_entry():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, attr = scripts["cifarpipe-predict"].partition(":")
-    assert (module, attr) == ("cifarpipe.predict", "cli")
+    assert (module, attr) == ("cifarpipe.commands.predict", "cli")
     assert callable(getattr(predict, attr))
+
+
+def test_a_model_logged_before_the_package_layout_changed_still_loads_and_predicts(tmp_path):
+    """tests/assets holds an MLflow model logged at commit 0c3a137, when its class lived in
+    cifarpipe.pyfunc (now cifarpipe.serving.pyfunc): an untrained course_cnn with six images and
+    the predictions it gave then. Its code file imports `cifarpipe.pyfunc`; in a process that
+    imported this version of the package first, that import resolves here."""
+    import tarfile
+
+    with tarfile.open(Path(__file__).parent / "assets" / "model_logged_0c3a137.tar.gz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    folder = tmp_path / "model_logged_0c3a137"
+    images = np.load(folder / "check_images.npy")
+    expected = pd.read_csv(folder / "check_predictions.csv")
+    probs = [c for c in expected.columns if c.startswith(inference.PROB_PREFIX)]
+
+    got = mlflow.pyfunc.load_model(str(folder)).predict(images)  # this process has imported cifarpipe
+    assert list(got["class"]) == list(expected["class"])
+    assert np.abs(got[probs].to_numpy() - expected[probs].to_numpy()).max() < 1e-6
+
+    # The predict command (a process of its own, which imports the package before the model).
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"img{i}.png")
+    proc = run([sys.executable, "-m", "cifarpipe.commands.predict", *(str(tmp_path / f"img{i}.png") for i in
+                range(len(images))), "--model", folder.as_uri(), "--csv", str(tmp_path / "out.csv")], tmp_path)
+    assert "6 image(s) classified" in proc.stdout, proc.stdout + proc.stderr
+    assert list(pd.read_csv(tmp_path / "out.csv")["class"]) == list(expected["class"])

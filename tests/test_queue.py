@@ -13,8 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import git_commit, run
-from cifarpipe import tracking
-from cifarpipe.tracking import EPOCH_METRICS
+from cifarpipe.tracking import store
+from cifarpipe.tracking.run import EPOCH_METRICS
 
 
 def wait_for_queue(project: Path, deadline_s: float = 900) -> str:
@@ -68,8 +68,8 @@ def test_a_queued_sweep_with_two_workers_puts_every_run_into_the_repositorys_sto
 def test_processes_opening_a_fresh_sqlite_store_at_once_all_get_it(tmp_path):
     """MLflow creates a new SQLite store's tables without a lock: four processes connecting to one
     fresh file and creating the same experiment at the same moment must all succeed."""
-    code = ("from cifarpipe import tracking; c = tracking.connect(); "
-            "print(tracking._create_experiment(c, 'cifar10'))")
+    code = ("from cifarpipe.tracking import store; c = store.connect(); "
+            "print(store.create_experiment(c, 'cifar10'))")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, **env},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
@@ -77,4 +77,4 @@ def test_processes_opening_a_fresh_sqlite_store_at_once_all_get_it(tmp_path):
     assert [rc for rc, _, _ in results] == [0] * 4, "\n".join(err[-2000:] for _, _, err in results)
     [exp_id] = {out.strip() for _, out, _ in results}  # one experiment, the same id for all
     # the creation race's loser (MLflow's "already exists") takes the winner's experiment
-    assert tracking._create_experiment(MlflowClient(env["MLFLOW_TRACKING_URI"]), "cifar10") == exp_id
+    assert store.create_experiment(MlflowClient(env["MLFLOW_TRACKING_URI"]), "cifar10") == exp_id

@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, make_project, run, serve_folder
-from cifarpipe import tracking
+from cifarpipe.tracking import datasets, provenance, record, registry
 from cifarpipe.config import UserError, load_params, parse_params
 
 MODEL = "cifar10-classifier"  # params.yaml's tracking.registered_model
@@ -73,14 +73,14 @@ def test_dataset_inputs_name_the_data_and_its_parts(exps):
 
 def test_digests_tell_different_data_apart():
     def digest(context, md5="a" * 32, split_hash="s1"):
-        return tracking.dataset_input(context, "https://example.org/c.tgz", md5, 10,
+        return datasets.dataset_input(context, "https://example.org/c.tgz", md5, 10,
                                       None if context == "test" else split_hash).dataset.digest
 
     assert digest("training") != digest("training", md5="b" * 32)
     assert digest("training") != digest("training", split_hash="s2")
     assert digest("validation") != digest("validation", split_hash="s2")
     assert digest("test") != digest("test", md5="b" * 32)
-    local = tracking.dataset_input("test", "/data/cifar-10-python.tar.gz", "a" * 32, 10).dataset
+    local = datasets.dataset_input("test", "/data/cifar-10-python.tar.gz", "a" * 32, 10).dataset
     assert local.source_type == "local"
 
 
@@ -106,7 +106,7 @@ def test_each_run_registers_a_version_tagged_with_its_test_accuracy(exps, monkey
     assert len(model.predict(np.zeros((3, 32, 32, 3), np.uint8))["class"]) == 3
     # Registering is once per run: a second finalization returns the same version.
     r = runs["lr-3e-3"]
-    assert tracking.register_model_version(client, MODEL, r.info.run_id, versions[r.info.run_id].source) == \
+    assert registry.register_model_version(client, MODEL, r.info.run_id, versions[r.info.run_id].source) == \
         versions[r.info.run_id].version
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
 
@@ -132,22 +132,22 @@ def test_outside_an_experiment_the_name_says_model_and_changed_params(tmp_path, 
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     params = _git_repo_with_params(tmp_path, **{"train.optimizer.lr": 0.003, "train.batch_size": 128})
-    record = tracking.run_record(params)
-    assert record.name == "course_cnn batch_size=128 lr=0.003"
-    assert "dvc_experiment" not in record.tags and record.tags["mlflow.source.name"] == "stages/train.py"
-    note = record.tags["mlflow.note.content"]
+    rec = record.run_record(params, provenance.read_git_state())
+    assert rec.name == "course_cnn batch_size=128 lr=0.003"
+    assert "dvc_experiment" not in rec.tags and rec.tags["mlflow.source.name"] == "stages/train.py"
+    note = rec.tags["mlflow.note.content"]
     assert "dvc exp run -S train.batch_size=128 -S train.optimizer.lr=0.003" in note and "git checkout " in note
     assert "Uncommitted" not in note  # params.yaml is the diff, not an uncommitted change to warn about
 
     monkeypatch.setenv("DVC_STAGE", "train")
-    assert tracking.run_record(params).tags["mlflow.source.name"] == "dvc repro"
+    assert record.run_record(params, provenance.read_git_state()).tags["mlflow.source.name"] == "dvc repro"
     same = load_params(REPO / "params.yaml")
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    assert tracking.run_record(same).name == "course_cnn"
+    assert record.run_record(same, provenance.read_git_state()).name == "course_cnn"
 
 
 def test_descriptive_names_stay_short_and_readable():
-    name = tracking.descriptive_name
+    name = record.descriptive_name
     assert name("cifar_resnet", {"model.name": "cifar_resnet", "model.width": 32}) == "cifar_resnet width=32"
     # two changed keys with the same last part are told apart
     assert name("course_cnn", {"train.batch_size": 128, "evaluate.batch_size": 500}) == \
@@ -156,8 +156,8 @@ def test_descriptive_names_stay_short_and_readable():
         "course_cnn flip=false betas=[0.9,0.99]"
     long = name("course_cnn", {f"train.k{i}": 0.000123 for i in range(10)})
     assert len(long) <= 60 and long.endswith(" +7") and long.startswith("course_cnn k0=0.000123")
-    assert tracking.changed_params({"a": 1, "b": 2, "c": 3}, None) == {}
-    assert tracking.changed_params({"a": 1, "b": 2, "new": 3}, {"a": 1, "b": 1}) == {"b": 2}
+    assert record.changed_params({"a": 1, "b": 2, "c": 3}, None) == {}
+    assert record.changed_params({"a": 1, "b": 2, "new": 3}, {"a": 1, "b": 1}) == {"b": 2}
 
 
 def test_a_run_created_by_mlflow_run_gets_the_experiment_name_and_keeps_its_source(tmp_path, monkeypatch):
@@ -165,10 +165,10 @@ def test_a_run_created_by_mlflow_run_gets_the_experiment_name_and_keeps_its_sour
     exp = client.create_experiment("cifar10")
     created = client.create_run(exp, tags={"mlflow.source.type": "PROJECT", "mlflow.source.name": "file:///repo",
                                            "mlflow.user": "alice"})
-    record = tracking.RunRecord("lr-3e-3", {"mlflow.source.name": "dvc exp run", "mlflow.source.type": "LOCAL",
-                                            "mlflow.user": "bob", "dvc_experiment": "lr-3e-3",
-                                            "mlflow.note.content": "dvc exp apply lr-3e-3"})
-    tracking.log_record(client, created.info.run_id, record)
+    rec = record.RunRecord("lr-3e-3", {"mlflow.source.name": "dvc exp run", "mlflow.source.type": "LOCAL",
+                                         "mlflow.user": "bob", "dvc_experiment": "lr-3e-3",
+                                         "mlflow.note.content": "dvc exp apply lr-3e-3"})
+    record.log_record(client, created.info.run_id, rec)
     r = client.get_run(created.info.run_id)
     assert r.info.run_name == "lr-3e-3" and r.data.tags["dvc_experiment"] == "lr-3e-3"
     assert (r.data.tags["mlflow.source.type"], r.data.tags["mlflow.source.name"], r.data.tags["mlflow.user"]) == \
@@ -205,11 +205,11 @@ def test_a_baseline_from_before_a_schema_change_still_gives_the_diff(tmp_path, m
         subprocess.run(cmd, cwd=tmp_path, check=True)
     params = load_params(REPO / "params.yaml").model_copy(update={"model": parse_params(
         {**raw, "model": {**raw["model"], "width": 32}, "tracking": {**raw["tracking"], "registered_model": ""}}).model})
-    assert tracking.run_record(params).name == "course_cnn width=32"
+    assert record.run_record(params, provenance.read_git_state()).name == "course_cnn width=32"
 
 
 def test_outside_git_the_description_gives_no_git_commands():
     """Seen on the GPU machine (no git there): 'git checkout unknown' is no way to reproduce a run."""
-    note = tracking.reproduce_note("unknown", None, {"train.epochs": 3}, [])
+    note = record.reproduce_note("unknown", None, {"train.epochs": 3}, [])
     assert "git checkout unknown" not in note and "outside a git checkout" in note
-    assert "git checkout abc123" in tracking.reproduce_note("abc123", None, {}, [])
+    assert "git checkout abc123" in record.reproduce_note("abc123", None, {}, [])

@@ -14,11 +14,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, make_project, run, serve_folder, stage_cmd
-from cifarpipe import reproduce, tracking
-from cifarpipe.config import UserError
-from cifarpipe.reproduce import Run, check_reproducible, compare, plan_params
+from cifarpipe.commands import reproduce
+from cifarpipe.commands.reproduction import check_reproducible, compare, format_differences, plan_params
+from cifarpipe.config import UserError, flatten_mapping
+from cifarpipe.tracking import provenance
+from cifarpipe.tracking.run import EPOCH_METRICS
+from cifarpipe.tracking.runs import StoredRun
 
-REPRODUCE = [sys.executable, "-m", "cifarpipe.reproduce"]
+REPRODUCE = [sys.executable, "-m", "cifarpipe.commands.reproduce"]
 
 
 def _snapshot(project: Path) -> dict:
@@ -124,7 +127,7 @@ def _fake_run(client: MlflowClient, original: str, *, tags: dict | None = None, 
                                                        **(tags or {})}).info.run_id
     for k, v in {**r.data.params, **(params or {})}.items():
         client.log_param(new, k, v)
-    for k in tracking.EPOCH_METRICS:
+    for k in EPOCH_METRICS:
         for m in client.get_metric_history(original, k):
             client.log_metric(new, k, m.value, step=m.step)
     if test_accuracy:
@@ -183,14 +186,14 @@ def test_a_dvc_exp_run_is_reproduced_exactly(trained):
 
 
 # ------------------------------------------------------------ pure parts, no pipeline
-def _run(**kw) -> Run:
+def _run(**kw) -> StoredRun:
     base = dict(run_id="r1", experiment="e", status="FINISHED", params={"data.md5": "a" * 32, "x": "1"},
                 tags={"mlflow.source.git.commit": "c" * 40, "git_dirty": "true", "git_dirty_code": "false",
                       "data_md5": "a" * 32, "split_hash": "s"},
                 metrics={"test_accuracy": 0.5, "test_loss": 1.0},
                 histories={"val_accuracy": [(1, 0.1), (2, 0.2)], "lr": [(1, 1e-3), (2, 1e-3)]})
     base.update(kw)
-    return Run(**base)
+    return StoredRun(**base)
 
 
 def test_comparison_reports_every_differing_value_and_nothing_else():
@@ -207,7 +210,7 @@ def test_comparison_reports_every_differing_value_and_nothing_else():
     assert [d.name for d in compare(a, b, tolerance=1e-6, ignore_params=["x"])] == ["lr", "test_loss", "tag split_hash"]
     nan = _run(histories={"val_accuracy": [(1, math.nan)]})
     assert compare(nan, nan) == [] and compare(nan, _run(histories={"val_accuracy": [(1, 0.1)]}))
-    table = reproduce.format_differences(compare(a, b))
+    table = format_differences(compare(a, b))
     assert table.splitlines()[0].split() == ["metric", "epoch", "recorded", "reproduced", "difference"]
 
 
@@ -223,7 +226,7 @@ def test_only_uncommitted_code_and_unknown_records_are_refused_before_git_is_ask
 
 def test_params_plan_writes_logged_values_and_keeps_a_recipe_only_if_it_agrees():
     committed = yaml.safe_load((REPO / "params.yaml").read_text())
-    logged = {k: str(v) for k, v in reproduce._leaves(committed).items()}
+    logged = {k: str(v) for k, v in flatten_mapping(committed).items()}
     logged.update({"recipe": "fast", "train.batch_size": "512", "train.optimizer.lr": "0.003",
                    "train.optimizer.betas": "[0.9, 0.99]", "train.amp": "False"})
     plan = plan_params(committed, logged, "cifar10-reproduce", {"train.batch_size": 512})
@@ -239,7 +242,7 @@ def test_params_plan_writes_logged_values_and_keeps_a_recipe_only_if_it_agrees()
 
 
 def test_git_state_tells_params_and_outputs_from_code(tmp_path, monkeypatch):
-    for rel in ("dvc.yaml", "params.yaml", "stages/train.py", "src/cifarpipe/engine.py"):
+    for rel in ("dvc.yaml", "params.yaml", "stages/train.py", "src/cifarpipe/training/engine.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, tmp_path / rel)
     (tmp_path / "outputs").mkdir()
@@ -249,20 +252,23 @@ def test_git_state_tells_params_and_outputs_from_code(tmp_path, monkeypatch):
                 ["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "c"]):
         subprocess.run(cmd, cwd=tmp_path, check=True)
     monkeypatch.chdir(tmp_path)
-    assert tracking.git_state()["git_dirty"] == "false" and tracking.git_state()["git_dirty_code"] == "false"
+    state = provenance.read_git_state().tags()
+    assert state["git_dirty"] == "false" and state["git_dirty_code"] == "false"
     for rel in ("params.yaml", "dvc.lock", "outputs/metrics.json"):  # what `dvc exp run` changes
         (tmp_path / rel).write_text((tmp_path / rel).read_text() + "\n# changed\n")
-    state = tracking.git_state()
+    git = provenance.read_git_state()
+    state = git.tags()
     assert (state["git_dirty"], state["git_dirty_code"]) == ("true", "false") and "git_diff_sha256" not in state
     assert state["git_dirty_files"] == "dvc.lock, outputs/metrics.json, params.yaml"
-    assert tracking._dirty_files() == []
-    (tmp_path / "src/cifarpipe/engine.py").write_text("# changed\n")
-    state = tracking.git_state()
-    assert state["git_dirty_code"] == "true" and state["git_dirty_code_files"] == "src/cifarpipe/engine.py"
-    assert state["git_dirty_files"] == "dvc.lock, outputs/metrics.json, params.yaml, src/cifarpipe/engine.py"
-    assert tracking._dirty_files() == ["src/cifarpipe/engine.py"]
+    assert git.code == ()
+    (tmp_path / "src/cifarpipe/training/engine.py").write_text("# changed\n")
+    git = provenance.read_git_state()
+    state = git.tags()
+    assert state["git_dirty_code"] == "true" and state["git_dirty_code_files"] == "src/cifarpipe/training/engine.py"
+    assert state["git_dirty_files"] == "dvc.lock, outputs/metrics.json, params.yaml, src/cifarpipe/training/engine.py"
+    assert git.code == ("src/cifarpipe/training/engine.py",)
     first = state["git_diff_sha256"]
-    (tmp_path / "src/cifarpipe/engine.py").write_text("# changed otherwise\n")
-    assert tracking.git_state()["git_diff_sha256"] != first
-    assert len(tracking._file_list([f"src/file_{i}.py" for i in range(500)])) <= 1000
-    assert tracking._file_list(["a", "b"]) == "a, b"
+    (tmp_path / "src/cifarpipe/training/engine.py").write_text("# changed otherwise\n")
+    assert provenance.read_git_state().tags()["git_diff_sha256"] != first
+    assert len(provenance._file_list([f"src/file_{i}.py" for i in range(500)])) <= 1000
+    assert provenance._file_list(["a", "b"]) == "a, b"

@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import git_commit, make_project, run, serve_folder, set_params, stage_cmd
-from cifarpipe.tracking import EPOCH_METRICS
+from cifarpipe.tracking.run import EPOCH_METRICS
 
 EPOCHS = 3
 
@@ -208,7 +208,7 @@ def test_other_training_code_never_resumes_a_checkpoint(baseline, tmp_path):
     project = fresh_copy(seed, tmp_path / "p")
     own_code = {"PYTHONPATH": str(project / "src")}  # the stages run this copy's library
     run(["dvc", "repro"], project, env={**own_code, "CIFARPIPE_FAULT": "after_checkpoint:1"}, check=False)
-    with open(project / "src/cifarpipe/engine.py", "a") as f:
+    with open(project / "src/cifarpipe/training/engine.py", "a") as f:
         f.write("\n# a change to the training loop\n")
     out = run(["dvc", "repro"], project, env=own_code).stdout
     assert "resuming" not in out
@@ -265,7 +265,7 @@ def test_an_unreadable_last_checkpoint_is_set_aside_and_training_resumes_from_be
 
 
 def test_with_no_readable_checkpoint_left_training_starts_fresh(tmp_path):
-    from cifarpipe import checkpoint
+    from cifarpipe.training import checkpoint
 
     (tmp_path / "last.pt").write_bytes(b"\x80garbage")
     torch.save({"epoch": 1}, tmp_path / "best.pt")  # loads, but is no checkpoint of this pipeline

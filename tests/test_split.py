@@ -13,7 +13,7 @@ from torch.utils.data import random_split
 
 from conftest import REPO, run, stage_cmd
 from cifarpipe.config import UserError, load_params, parse_params
-from cifarpipe.split import course_parts, from_json, make_split, split_hash, to_json
+from cifarpipe.data.split import course_parts, from_json, make_split, split_hash, to_json
 
 
 def torch_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -107,7 +107,7 @@ def test_config_rejects_an_unknown_method_naming_the_key():
 
 def test_importing_the_split_module_loads_no_torch():
     # from_json (train, benchmarks) and the hash method need no torch; course imports it when called.
-    code = "import sys, cifarpipe.split; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, cifarpipe.data.split; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

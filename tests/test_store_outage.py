@@ -19,7 +19,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, run, set_params, stage_cmd
-from cifarpipe.tracking import EPOCH_METRICS, PENDING_NAME
+from cifarpipe.tracking.journal import JOURNAL_NAME as PENDING_NAME
+from cifarpipe.tracking.run import EPOCH_METRICS
 
 
 def last_pt(project: Path) -> Path:

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, run, stage_cmd
-from cifarpipe.tracking import EPOCH_METRICS
+from cifarpipe.tracking.run import EPOCH_METRICS
 from test_store_outage import free_port
 
 ADMIN = ("admin", "admin-Secret-1")

@@ -10,9 +10,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cifarpipe import atomic, checkpoint
+from cifarpipe import atomic
+from cifarpipe.training import checkpoint
 from cifarpipe.config import UserError
-from cifarpipe.tracking import Pending, Tracker, deliver
+from cifarpipe.tracking import model
+from cifarpipe.tracking.job import open_run
+from cifarpipe.tracking.journal import Journal, deliver
 
 
 class FlakyClient:
@@ -40,7 +43,7 @@ def row(epoch: int) -> dict:
 def tracker(tmp_path):
     real = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     flaky = FlakyClient(real)
-    t = Tracker.start(flaky, "test", None)
+    t = open_run(flaky, "test", None)
     yield t, flaky, real
     t.finish()
 
@@ -64,14 +67,14 @@ def test_metrics_are_kept_locally_if_the_store_never_comes_back(tracker, tmp_pat
     t, flaky, real = tracker
     flaky.down = True
     t.queue_history([row(1), row(2)])
-    t.journal = Pending(tmp_path / "mlflow_pending.json")
+    t.journal = Journal(tmp_path / "mlflow_pending.json")
     assert not t.drain(attempts=2, pause_s=0.01)
     saved = json.loads(t.journal.path.read_text())["items"]
     assert [(it["run_id"], it["kind"], len(it["metrics"])) for it in saved] == [(t.run_id, "metrics", 2 * 7)]
     assert "could not be sent" in capsys.readouterr().err
     assert t.drain()  # nothing queued twice: the journal holds them now
     flaky.down = False
-    assert deliver(real, Pending(t.journal.path)) == 0 and not t.journal.path.exists()
+    assert deliver(real, Journal(t.journal.path)) == 0 and not t.journal.path.exists()
     assert sorted(m.step for m in real.get_metric_history(t.run_id, "val_accuracy")) == [1, 2]
 
 
@@ -167,8 +170,8 @@ def test_the_model_is_logged_once_however_often_it_is_delivered(tmp_path, monkey
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # log_model uses MLflow's fluent API
     client = MlflowClient(uri)
-    journal = Pending(tmp_path / "mlflow_pending.json")
-    t = Tracker.start(client, "test", None, journal=journal)
+    journal = Journal(tmp_path / "mlflow_pending.json")
+    t = open_run(client, "test", None, journal=journal)
     weights = _weights_file(tmp_path / "model.pt")
     example = np.zeros((2, 32, 32, 3), np.uint8)
     exp_id = client.get_run(t.run_id).info.experiment_id
@@ -185,11 +188,11 @@ def test_the_model_is_logged_once_however_often_it_is_delivered(tmp_path, monkey
 def _weights_file(path, seed: int = 0):
     """A weights file as the train stage writes it (checkpoint.weights_file), of an untrained course_cnn."""
     from cifarpipe.config import ModelParams
-    from cifarpipe.models import build_model
+    from cifarpipe.training.models import build_model
 
     torch.manual_seed(seed)
-    model = build_model(ModelParams(name="course_cnn", width=64))
-    checkpoint.save_weights(path, {"model": {"name": "course_cnn", "width": 64}, "state_dict": model.state_dict(),
+    net = build_model(ModelParams(name="course_cnn", width=64))
+    checkpoint.save_weights(path, {"model": {"name": "course_cnn", "width": 64}, "state_dict": net.state_dict(),
                                    "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26],
                                    "classes": [f"class{i}" for i in range(10)]})
     return path
@@ -204,7 +207,7 @@ def test_a_model_logged_on_a_gpu_machine_validates_and_loads_there(tmp_path, mon
 
     import mlflow
 
-    from cifarpipe.inference import Classifier
+    from cifarpipe.serving.inference import Classifier
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -220,10 +223,10 @@ def test_a_model_logged_on_a_gpu_machine_validates_and_loads_there(tmp_path, mon
     handler = Collect()
     logging.getLogger("mlflow").addHandler(handler)
     try:
-        t = Tracker.start(MlflowClient(uri), "test", None, journal=Pending(tmp_path / "pending.json"))
+        t = open_run(MlflowClient(uri), "test", None, journal=Journal(tmp_path / "pending.json"))
         weights = _weights_file(tmp_path / "model.pt")
         example = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-        model_uri = t.log_model(weights, example)
+        model_uri = model.log_model(t.run_id, weights, example)
     finally:
         logging.getLogger("mlflow").removeHandler(handler)
     assert not [w for w in warnings if "validate serving input example" in w], warnings
@@ -234,23 +237,3 @@ def test_a_model_logged_on_a_gpu_machine_validates_and_loads_there(tmp_path, mon
     got = loaded.predict(example)
     assert np.abs(got[[f"prob_class{i}" for i in range(10)]].to_numpy() - expected).max() < 1e-6
     t.finish()
-
-
-def test_a_journaled_model_from_before_uint8_inputs_gets_its_example_back_as_images(tmp_path, monkeypatch):
-    """A journal written by the previous version holds the example normalised (float NCHW): it is
-    delivered with the images it was made from."""
-    import base64
-
-    from cifarpipe import tracking
-
-    weights = _weights_file(tmp_path / "model.pt")
-    images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    mean, std = np.array([0.49, 0.48, 0.45]), np.array([0.25, 0.24, 0.26])
-    old = ((images / 255 - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)
-    item = {"run_id": "r", "kind": "model", "weights": str(weights), "sha256": tracking.file_sha256(weights),
-            "example": base64.b64encode(old.tobytes()).decode(), "shape": list(old.shape)}
-    logged = []
-    monkeypatch.setattr(Tracker, "log_model", lambda self, w, example: logged.append((w, example)) or "models:/m")
-    assert tracking._log_model_from_weights(MlflowClient(f"sqlite:///{tmp_path / 'db'}"), "r", item) == "models:/m"
-    [(w, example)] = logged
-    assert w == weights and example.dtype == np.uint8 and (example == images).all()

@@ -278,18 +278,7 @@ def read_recipe(name: str, recipes_dir: Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or not set(raw) <= set(_RECIPE_SECTIONS):
         raise UserError(f"{source}: a recipe is a mapping of the sections {', '.join(_RECIPE_SECTIONS)}; "
                         f"got {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and value:
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        else:
-            out[prefix] = value
-
-    for section, value in raw.items():
-        walk(section, value)
-    return out
+    return flatten_mapping(raw)
 
 
 def apply_recipe(raw: dict[str, Any], name: str, recipes_dir: Path) -> dict[str, Any]:
@@ -297,13 +286,8 @@ def apply_recipe(raw: dict[str, Any], name: str, recipes_dir: Path) -> dict[str,
     merged = copy.deepcopy(raw)
     merged["recipe"] = name
     for key, value in read_recipe(name, recipes_dir).items():
-        *parents, leaf = key.split(".")
-        node = merged
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
+        if not set_dotted(merged, key, value):
             raise UserError(f"{RECIPES_DIR}/{name}.yaml: unknown key {key!r} (a recipe sets keys params.yaml has)")
-        node[leaf] = value
     return merged
 
 
@@ -338,19 +322,48 @@ def recipe_changes(path: str | Path = "params.yaml", recipe: str | None = None) 
     return {k: (own[k], v) for k, v in effective.items() if k != "recipe" and own[k] != v}
 
 
+def flatten_mapping(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"optimizer": {"lr": 0.001}}} -> {"train.optimizer.lr": 0.001}: the dotted keys
+    of `dvc exp run -S` and of MLflow's params. An empty mapping inside is a value of its own;
+    tuples become lists, as YAML writes them."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten_mapping(value, dotted))
+        else:
+            out[dotted] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"train.optimizer.lr": 0.001} -> {"train": {"optimizer": {"lr": 0.001}}}: flatten_mapping undone."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def set_dotted(mapping: dict[str, Any], key: str, value: Any) -> bool:
+    """Set the existing leaf `key` ("train.optimizer.lr") of a nested mapping; False (nothing set)
+    when the mapping has no such leaf."""
+    *parents, leaf = key.split(".")
+    node: Any = mapping
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
+        return False
+    node[leaf] = value
+    return True
+
+
 def flatten(params: Params) -> dict[str, Any]:
     """{"train.optimizer.lr": 0.001, ...}: the dotted names MLflow logs."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = list(value) if isinstance(value, tuple) else value
-
-    walk("", params.model_dump())
-    return out
+    return flatten_mapping(params.model_dump())
 
 
 def with_overrides(params: Params, overrides: list[str], source: str = "override") -> Params:
@@ -364,11 +377,6 @@ def with_overrides(params: Params, overrides: list[str], source: str = "override
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"{source}: {item!r}: expected KEY=VALUE, e.g. train.optimizer.lr=3e-4")
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
+        if not set_dotted(raw, key, yaml.load(text, Loader=_Yaml12Loader)):
             raise UserError(f"{source}: unknown key {key!r}")
-        node[leaf] = yaml.load(text, Loader=_Yaml12Loader)
     return parse_params(raw, source)

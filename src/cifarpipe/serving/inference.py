@@ -1,7 +1,7 @@
 """Inference on what users have: uint8 images in, class names and probabilities out.
 
-One path for every use of a trained model: the MLflow model (cifarpipe.pyfunc wraps `Classifier`),
-the predict command (cifarpipe.predict), and anything that loads outputs/model.pt. The images are
+One path for every use of a trained model: the MLflow model (cifarpipe.serving.pyfunc wraps `Classifier`),
+the predict command (cifarpipe.commands.predict), and anything that loads outputs/model.pt. The images are
 normalised with the mean and std of the run's own training data (stored in the weights file),
 by the same arithmetic as the training and evaluation batches, so a prediction here is the
 evaluate stage's prediction for the same image.
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cifarpipe.config import ModelParams
-from cifarpipe.models import build_model
+from cifarpipe.training.models import build_model
 
 SIDE = 32  # CIFAR-10 images are 32 x 32 pixels, RGB
 PROB_PREFIX = "prob_"  # column of each class's probability: prob_airplane, prob_automobile, ...

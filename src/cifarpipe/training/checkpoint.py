@@ -1,10 +1,13 @@
-"""Checkpoints: the course's dict plus everything an exact resume needs.
+"""Checkpoints: the course's dict plus everything an exact resume needs, built (`build`) and
+restored (`restore`) here and nowhere else.
 
 Keys (the course's first): epoch, model_state_dict, optimizer_state_dict, scheduler_state_dict
-(ReduceLROnPlateau's; {} with scheduler none; a warm-up's rate follows from the epoch), loss; then step (optimizer steps into the unfinished epoch, 0 at an epoch boundary),
-epoch_progress (that epoch's running sums), history (one dict of metrics per finished epoch),
-best_val_accuracy, rng (torch CPU and CUDA generator states), mlflow_run_id, fingerprint and
-complete (True once the last epoch is done and the final outputs are about to be written).
+(ReduceLROnPlateau's; {} with scheduler none; a warm-up's rate follows from the epoch), loss;
+then step (optimizer steps into the unfinished epoch, 0 at an epoch boundary), epoch_progress
+(that epoch's running sums), epoch_seconds_so_far, history (one dict of metrics per finished
+epoch), best_val_accuracy, rng (torch CPU and CUDA generator states), data_rng_seed,
+mlflow_run_id, fingerprint, complete (True once the last epoch is done and the final outputs are
+about to be written) and model_name.
 
 Each job keeps its checkpoints in a folder of its own, `<checkpoint dir>/<fingerprint>/`, where
 the fingerprint hashes the training params, the data and the training code: one experiment
@@ -25,6 +28,7 @@ import torch
 
 from cifarpipe import atomic, faults
 from cifarpipe.config import Params, UserError
+from cifarpipe.training.engine import EpochProgress, TrainingSetup, TrainState
 
 # Keys that do not change what training computes; a resume with them changed is still exact.
 # The number of processes is one of them: the processes together train the batches one process
@@ -62,6 +66,39 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def build(state: TrainState, setup: TrainingSetup, device: torch.device, *, seed: int, run_id: str,
+          fingerprint: str, model_name: str, complete: bool = False) -> dict[str, Any]:
+    """The checkpoint of `state`: the course's dict plus what an exact resume needs."""
+    return {"epoch": state.epoch, "model_state_dict": setup.model.state_dict(),
+            "optimizer_state_dict": setup.optimizer.state_dict(),
+            "scheduler_state_dict": setup.scheduler.state_dict(),
+            "loss": state.history[-1]["train_loss"] if state.history else float("nan"),
+            "step": state.progress.step, "epoch_progress": vars(state.progress).copy(),
+            "epoch_seconds_so_far": state.seconds,
+            "history": state.history, "best_val_accuracy": state.best_val_accuracy,
+            "rng": rng_state(device),
+            # Data order and augmentation of epoch e are drawn from a generator seeded with
+            # batches.epoch_seed(train.seed, e): this seed regenerates the whole stream of any epoch.
+            "data_rng_seed": seed,
+            "mlflow_run_id": run_id, "fingerprint": fingerprint, "complete": complete, "model_name": model_name}
+
+
+def restore(ckpt: dict[str, Any], setup: TrainingSetup, device: torch.device, *, mid_epoch: bool) -> TrainState:
+    """Load `ckpt` into the model, optimizer, scheduler and torch's generators; the training state
+    to continue from. `mid_epoch` False (the DataLoader path, whose order can't be replayed
+    mid-epoch): an unfinished epoch is redone from its start."""
+    setup.model.load_state_dict(ckpt["model_state_dict"])
+    setup.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+    setup.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+    restore_rng_state(ckpt["rng"], device)
+    progress = EpochProgress(**ckpt["epoch_progress"])
+    if progress.step and not mid_epoch:
+        progress = EpochProgress()
+    return TrainState(epoch=ckpt["epoch"], progress=progress, history=ckpt["history"],
+                      seconds=ckpt["epoch_seconds_so_far"] if progress.step else 0.0,
+                      best_val_accuracy=ckpt["best_val_accuracy"])
 
 
 def save(path: Path, checkpoint: dict[str, Any]) -> None:

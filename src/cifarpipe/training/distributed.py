@@ -9,7 +9,7 @@ gradients over all processes during backward, and the loop adds up the metric su
 resume state from it with `Group.broadcast`.
 
 Outside torchrun (no WORLD_SIZE in the environment) every call here is a no-op on one process:
-the single-process path runs exactly the code it ran before DDP existed.
+the single-process path runs no collective call and no DDP wrapper.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import logging
 import os
 import signal
 import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifarpipe.config import UserError
+from cifarpipe.config import TrainParams, UserError
 
 # How long a collective call waits for the other processes. A rank that died makes the others
 # fail after this instead of hanging for torch's default 30 min (10 min: far above any epoch's
@@ -165,3 +167,59 @@ def launch(nproc_per_node: int, script: str, argv: list[str], device_type: str) 
     except SignalException as e:
         return 128 + int(e.sigval)
     return 0
+
+
+def check_world(p: TrainParams, world_size: int, device: torch.device) -> None:
+    """What several processes need, checked before any of them starts."""
+    if p.batch_size % world_size:
+        raise UserError(f"params.yaml: train.batch_size = {p.batch_size} does not split evenly over {world_size} "
+                        f"processes (train.nproc_per_node x nodes): it is the batch of all of them together")
+    if p.loader != "device":
+        raise UserError(f"params.yaml: train.loader = {p.loader!r}: several processes need loader: device")
+    if not p.drop_last:
+        raise UserError("params.yaml: train.drop_last = false: several processes need drop_last: true "
+                        "(an incomplete last batch would give some processes no images)")
+    if device.type == "cuda" and p.nproc_per_node > torch.cuda.device_count():
+        raise UserError(f"params.yaml: train.nproc_per_node = {p.nproc_per_node}, but this machine has "
+                        f"{torch.cuda.device_count()} GPU(s): one process per GPU")
+    if device.type == "mps":
+        raise UserError("params.yaml: train.nproc_per_node > 1 needs CUDA (NCCL) or the CPU (gloo), not MPS")
+
+
+def run_in_group(p: TrainParams, device: torch.device, body: Callable[[torch.device, Group], int]) -> int:
+    """Run `body(device, group)` as this process's part of the training: in the process group when
+    torchrun started this process (checked against train.nproc_per_node; the process's own GPU),
+    else as the one process. Returns the exit status one process would give.
+
+    Under torchrun a failing process reports and exits at once (os._exit): the other processes see
+    its connections close and stop too, and torchrun must find it already gone with its own status
+    (2 for a UserError), not still shutting down, when it then stops the rest with SIGTERM. A
+    process that failed only because another one did says why it stopped, not a second traceback.
+    """
+    group = start(device.type)
+    try:
+        if group.active:
+            if group.local_world_size != p.nproc_per_node:
+                raise UserError(f"torchrun started {group.local_world_size} processes per node but params.yaml has "
+                                f"train.nproc_per_node = {p.nproc_per_node}: set it to {group.local_world_size} "
+                                "so the run records what ran")
+            check_world(p, group.world_size, device)
+            if device.type == "cuda":
+                device = torch.device("cuda", group.local_rank)
+        return body(device, group)
+    except Exception as e:
+        if not group.active:
+            raise
+        if group.is_main or isinstance(e, UserError):
+            if isinstance(e, UserError):
+                print(f"error: {e}", file=sys.stderr)
+            else:
+                traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2 if isinstance(e, UserError) else 1)
+        print(f"rank {group.rank}: stopped ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+              file=sys.stderr)
+        return 1
+    finally:
+        group.close()

@@ -1,10 +1,10 @@
 """Classify image files with a trained model: a table of file, class and probability.
 
-    python -m cifarpipe.predict cat.png dog.jpg                 # the workspace's model: outputs/model.pt
-    python -m cifarpipe.predict --run <run id> photos/          # the model an MLflow run logged
-    python -m cifarpipe.predict --model models:/cifar10-classifier/3 *.png --csv predictions.csv
+    python -m cifarpipe.commands.predict cat.png dog.jpg                 # the workspace's model: outputs/model.pt
+    python -m cifarpipe.commands.predict --run <run id> photos/          # the model an MLflow run logged
+    python -m cifarpipe.commands.predict --model models:/cifar10-classifier/3 *.png --csv predictions.csv
 
-The images go through the model's own inference path (cifarpipe.inference, which the MLflow model
+The images go through the model's own inference path (cifarpipe.serving.inference, which the MLflow model
 wraps): normalised with the run's training mean and std. A file that can't be read is reported
 with its reason and the others are still classified; the exit status is then 1.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cifarpipe import inference
+from cifarpipe.serving import inference
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder argument expands to (any case)
 SOME_FAILED_EXIT = 1  # some files could not be classified (the rest were)
@@ -66,15 +66,15 @@ def read_image(path: Path) -> np.ndarray:
 
 def load_predictor(model: str, run: str | None) -> tuple[Callable[[np.ndarray], pd.DataFrame], str]:
     """predict(uint8 images) -> inference.result_table, and a description of the model used."""
-    from cifarpipe import checkpoint
     from cifarpipe.config import UserError
+    from cifarpipe.training import checkpoint
 
     if run:
         model = f"runs:/{run}/model"
     if ":/" in model:  # an MLflow model URI: runs:/<id>/model, models:/<name>/<version>, file:/...
-        from cifarpipe import tracking  # imports MLflow (seconds): only when a model comes from it
+        from cifarpipe.tracking.model import load_model  # imports MLflow (seconds): only when a model comes from it
 
-        pyfunc_model = tracking.load_model(model)
+        pyfunc_model = load_model(model)
         return (lambda images: pd.DataFrame(pyfunc_model.predict(images))), f"MLflow model {model}"
     path = Path(model)
     try:
@@ -118,7 +118,7 @@ def csv_table(table: pd.DataFrame, failures: Sequence[Failure]) -> pd.DataFrame:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m cifarpipe.predict", description=__doc__.splitlines()[0],
+        prog="python -m cifarpipe.commands.predict", description=__doc__.splitlines()[0],
         epilog=f"Images of any size are made 32x32 the same way for every user: {inference.RESIZE_RULE}. "
                "Exit status: 0 all files classified, 1 some could not be read (the rest are classified), "
                "2 no usable model. Store for --run and models:/ URIs: MLFLOW_TRACKING_URI, else ./mlflow.db.")
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cli() -> None:
     """The console entry point: a UserError (no model, no store) prints one line and exits 2."""
-    from cifarpipe.cli import run_stage
+    from cifarpipe.pipeline.stage import run_stage
 
     run_stage(main)
 

@@ -1,11 +1,11 @@
 """Compare runs: one table (and one picture) of the runs in the MLflow store.
 
-    python -m cifarpipe.compare                      # runs of params.yaml's tracking.experiment
-    python -m cifarpipe.compare --filter "tags.dvc_experiment = 'lr-3e-3'" --csv runs.csv --png val.png
+    python -m cifarpipe.commands.compare                      # runs of params.yaml's tracking.experiment
+    python -m cifarpipe.commands.compare --filter "tags.dvc_experiment = 'lr-3e-3'" --csv runs.csv --png val.png
 
 A row per run: name, DVC experiment, status, the params that differ between the listed runs (only
 those), best validation accuracy, test accuracy and training seconds, best test accuracy first.
-The table and the plot are built from plain values (`tracking.StoredRun`); only `main` reads the store.
+The table and the plot are built from plain values (`tracking.runs.StoredRun`); only `main` reads the store.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 if TYPE_CHECKING:
-    from cifarpipe.tracking import StoredRun
+    from cifarpipe.tracking.runs import StoredRun
 
 FIXED_BEFORE = ["run", "run_id", "dvc_experiment", "status"]
 FIXED_AFTER = ["best_val_accuracy", "test_accuracy", "train_seconds"]
@@ -122,7 +122,7 @@ def _default_experiment(params_path: Path) -> str | None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m cifarpipe.compare", description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="python -m cifarpipe.commands.compare", description=__doc__.splitlines()[0],
                                  epilog="Store: MLFLOW_TRACKING_URI, else ./mlflow.db (MLflow's default).")
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--experiment", help="MLflow experiment name (default: tracking.experiment of params.yaml)")
@@ -141,18 +141,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cifarpipe import atomic, tracking
+    from cifarpipe import atomic
+    from cifarpipe.tracking.runs import read_runs
+    from cifarpipe.tracking.store import tracking_uri
 
     args = parse_args(argv)
     experiment = None if args.all_experiments else (args.experiment or _default_experiment(args.params))
-    runs = tracking.read_runs(experiment, args.filter, args.max_runs)
+    runs = read_runs(experiment, args.filter, args.max_runs)
     where = f"experiment {experiment!r}" if experiment else "any experiment"
     if not runs:
-        print(f"no runs in {where} of {tracking.tracking_uri()}" + (f" matching {args.filter!r}" if args.filter else "")
+        print(f"no runs in {where} of {tracking_uri()}" + (f" matching {args.filter!r}" if args.filter else "")
               + ": train one with `dvc repro`, or widen the choice (--all-experiments, --filter)", file=sys.stderr)
         return 1
     table = build_table(runs)
-    print(f"{len(runs)} run{'s' if len(runs) != 1 else ''} of {where} in {tracking.tracking_uri()}, best test accuracy first:")
+    print(f"{len(runs)} run{'s' if len(runs) != 1 else ''} of {where} in {tracking_uri()}, best test accuracy first:")
     print(formatted(table).to_string(index=False))
     if args.csv:
         atomic.write_text(args.csv, table.to_csv(index=False))
@@ -171,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cli() -> None:
     """The console entry point: a UserError (missing store, bad filter) prints one line and exits 2."""
-    from cifarpipe.cli import run_stage
+    from cifarpipe.pipeline.stage import run_stage
 
     run_stage(main)
 

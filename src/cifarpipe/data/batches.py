@@ -7,10 +7,10 @@ from a CPU generator seeded with (seed, e), so batches are identical on any devi
 interrupted epoch can be resumed at any step.
 
 Training drops each epoch's incomplete last batch (`drop_last`): 42,500 training images leave 4
-over in batches of 64, 128 or 512, and a full Adam step (and BatchNorm update) on 4 images,
-taken right before validation, the scheduler's decision and the saved weights, cost a small
-ResNet 1.9 points of validation accuracy on average in a review. The permutation differs every
-epoch, so each epoch leaves out other images. Evaluation keeps every image.
+over in batches of 64, 128 or 512, and a full optimizer step (and BatchNorm update) on 4 images
+would land right before validation, the scheduler's decision and the saved weights
+(benchmarks/last_batch.py measures both ways). The permutation differs every epoch, so each
+epoch leaves out other images. Evaluation keeps every image.
 
 `dataloader_batches` is the course's path (torch DataLoader, per-image transforms), kept as
 the baseline the benchmarks compare against.

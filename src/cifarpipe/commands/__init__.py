@@ -1,0 +1,1 @@
+"""The console commands: cifarpipe-compare, cifarpipe-predict, cifarpipe-reproduce."""

@@ -1,0 +1,1 @@
+"""Data: the archive (download, verification, arrays), the seeded split, the batches."""

@@ -1,0 +1,111 @@
+"""The evaluate stage's body: test loss and accuracy, per-class table, confusion matrix and the
+most confident mistakes, written first, then delivered into the training's MLflow run.
+
+The outputs are written atomically before any MLflow call. MLflow gets them through the journal
+of pending deliveries (outputs/mlflow_pending.json), together with whatever `train` could not
+deliver. If the store does not take everything, the stage exits 3 with one line: DVC then reruns
+it (seconds) on the next `dvc repro`, which delivers the rest. If the training run was logged
+with other `evaluate.*` params, the evaluation goes into a run of its own nested under it (see
+tracking.journal).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifarpipe import atomic, faults, report
+from cifarpipe.config import ModelParams, UserError, flatten, load_params
+from cifarpipe.data import archive
+from cifarpipe.data.batches import DeviceBatches
+from cifarpipe.tracking import store
+from cifarpipe.tracking.journal import Journal, deliver, journal_path
+from cifarpipe.training import checkpoint, engine
+from cifarpipe.training.models import build_model
+
+STORE_PENDING_EXIT = 3  # outputs written, MLflow deliveries pending: a failure DVC reruns, not a user error
+
+
+@dataclass(frozen=True)
+class EvaluatePaths:
+    data: Path
+    weights: Path
+    run_id: Path
+    metrics: Path
+    per_class: Path
+    confusion: Path
+    confusion_png: Path
+    mistakes_png: Path
+
+
+@torch.no_grad()
+def predicted_confidence(model: torch.nn.Module, batches: DeviceBatches, predictions: np.ndarray, amp: bool,
+                         tta_flip: bool) -> np.ndarray:
+    """Softmax probability of each image's predicted class, from the same logits as engine.evaluate."""
+    model.eval()
+    probs = [torch.softmax(engine.eval_logits(model, x, amp=amp, tta_flip=tta_flip), 1).cpu()
+             for x, _ in batches.epoch(0)]
+    probs = torch.cat(probs).numpy() if probs else np.zeros((0, 1), np.float32)
+    return probs[np.arange(len(predictions)), predictions]
+
+
+def main(paths: EvaluatePaths, params_path: Path) -> int:
+    params = load_params(params_path)
+    device = engine.pick_device(params.train.device)
+    journal = Journal(journal_path(paths.run_id))
+    arrays = archive.load_arrays(paths.data)
+    try:
+        weights = checkpoint.load(paths.weights)
+    except FileNotFoundError:
+        raise UserError(f"{paths.weights}: not found; run the train stage first") from None
+    model = build_model(ModelParams(**weights["model"])).to(device)
+    model.load_state_dict(weights["state_dict"])
+    amp, tta_flip, batch_size = engine.amp_enabled(params.train.amp, device), params.evaluate.tta_flip, params.evaluate.batch_size
+
+    def batches(images: np.ndarray, labels: np.ndarray) -> DeviceBatches:
+        return DeviceBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels), batch_size,
+                             weights["mean"], weights["std"], augment=None, shuffle=False)
+
+    test_x, test_y = arrays.test_images, arrays.test_labels
+    result = engine.evaluate(model, batches(test_x, test_y).epoch(0), amp=amp, tta_flip=tta_flip)
+
+    # ---- the outputs, each written atomically, before any MLflow call
+    classes = weights["classes"]
+    cm = report.confusion_matrix(test_y, result.predictions, len(classes))
+    table = report.per_class_table(cm, classes)
+    metrics = {"accuracy": result.accuracy, "loss": result.loss, "n_test": int(len(test_y)),
+               "per_class_accuracy": dict(zip(classes, table["accuracy"].round(4).tolist()))}
+    atomic.write_text(paths.metrics, json.dumps(metrics, indent=2) + "\n")
+    report.write_csv(table, paths.per_class)
+    faults.hit("evaluate", 0)  # the tests' SIGKILL with some outputs written, others not
+    report.write_csv(report.confusion_long(test_y, result.predictions, classes), paths.confusion)
+    report.confusion_png(cm, classes, paths.confusion_png,
+                         f"{weights['model']['name']}: test accuracy {result.accuracy:.2%} ({len(test_y)} images)")
+    # Confidences only for the misclassified images: a second, small pass (about 40 % of the test set).
+    wrong = np.flatnonzero(result.predictions != test_y)
+    confidences = np.full(len(test_y), np.nan)
+    confidences[wrong] = predicted_confidence(model, batches(test_x[wrong], test_y[wrong]), result.predictions[wrong],
+                                              amp, tta_flip)
+    report.mistakes_png(test_x, test_y, result.predictions, confidences, classes, paths.mistakes_png,
+                        f"{weights['model']['name']}: the most confidently misclassified test images "
+                        f"({len(wrong)} of {len(test_y)} wrong)")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"test accuracy {result.accuracy:.4f}, test loss {result.loss:.4f} -> {paths.metrics}")
+
+    # ---- MLflow: train's pending items first (same run, in order), then this evaluation
+    run_id = paths.run_id.read_text().strip()
+    journal.add_evaluation(run_id, flatten(params), {"test_loss": result.loss, "test_accuracy": result.accuracy},
+                           [paths.metrics, paths.per_class, paths.confusion_png, paths.mistakes_png],
+                           n_test=len(test_y))
+    left = deliver(store.store_client(), journal, log=lambda msg: None)
+    if left:
+        error = next(iter(journal.errors.values()), "")
+        print(f"error: MLflow store {store.tracking_uri()} unreachable ({error}): outputs written, {left} item(s) "
+              f"pending in {journal.path}; run `dvc repro` when it answers", file=sys.stderr)
+        return STORE_PENDING_EXIT
+    print(f"logged to MLflow ({store.tracking_uri()}), training run {run_id}")
+    return 0

@@ -1,0 +1,295 @@
+"""The train stage's body: load -> resume -> fit -> outputs, tracked in one MLflow run.
+
+Resumable: after every epoch (and at a safe point on SIGINT/SIGTERM) a checkpoint is written
+atomically; running the stage again (`dvc repro`) continues from it, in the same MLflow run.
+Several processes (train.nproc_per_node > 1): the stage runs itself under torchrun; each process
+trains its share of every batch and rank 0 alone reads and writes checkpoints, files and MLflow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from cifarpipe import atomic, faults
+from cifarpipe.config import Params, UserError, flatten, load_params, recipe_changes
+from cifarpipe.data import archive, split
+from cifarpipe.data.batches import DeviceBatches, channel_stats, dataloader_batches
+from cifarpipe.tracking import job, store
+from cifarpipe.tracking.journal import Journal, journal_path
+from cifarpipe.training import checkpoint, distributed, engine
+from cifarpipe.training.distributed import Group
+from cifarpipe.training.stop import StopRequest
+
+# The code whose change makes a half-trained checkpoint someone else's: it is part of the job's
+# fingerprint, so other code never continues it silently.
+_PACKAGE = Path(engine.__file__).parents[1]
+TRAINING_CODE = [_PACKAGE / "training" / name for name in ("engine.py", "optim.py", "models.py", "distributed.py")] + [
+    _PACKAGE / "data" / "batches.py", Path(__file__)]
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """The train stage's inputs and outputs (dvc.yaml is the one place that names them)."""
+    data: Path
+    split: Path
+    checkpoint_dir: Path  # one folder per job: <checkpoint_dir>/<fingerprint>/{last,best}.pt
+    weights: Path
+    history: Path
+    run_id: Path
+    metrics: Path
+    tensorboard_dir: Path
+
+
+def main(paths: TrainPaths, params_path: Path, script: str, argv: list[str]) -> int:
+    """The stage: validate params, then train in this process, or start `script argv` under
+    torchrun once per process (train.nproc_per_node > 1). Returns the exit status."""
+    params = load_params(params_path)
+    p = params.train
+    device = engine.pick_device(p.device)
+    if not distributed.under_torchrun():
+        if changes := recipe_changes(params_path):  # the values in force where they differ from params.yaml's
+            print(f"recipe {params.recipe}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()),
+                  flush=True)
+        if p.nproc_per_node > 1:
+            distributed.check_world(p, p.nproc_per_node, device)
+            print(f"train.nproc_per_node = {p.nproc_per_node}: torchrun "
+                  + shlex.join(distributed.launch_args(p.nproc_per_node, script, argv)), flush=True)
+            return distributed.launch(p.nproc_per_node, script, argv, device.type)
+    return distributed.run_in_group(p, device, lambda device, group: train(paths, params, device, group))
+
+
+@dataclass
+class TrainingData:
+    """The split's training and validation images (uint8 NHWC) and labels, with what describes them."""
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    classes: list[str]
+    split_hash: str
+    mean: list[float]  # per channel, 0..1 units: the normalisation of training, evaluation and the model
+    std: list[float]
+
+
+def load_data(paths: TrainPaths, params: Params) -> TrainingData:
+    arrays = archive.load_arrays(paths.data)
+    split_text = paths.split.read_text()
+    sp = split.from_json(split_text)
+    train_x, train_y = arrays.train_images[sp.train], arrays.train_labels[sp.train]
+    p = params.train
+    if p.drop_last and p.batch_size > len(train_y):
+        raise UserError(f"params.yaml: train.batch_size = {p.batch_size}: larger than the {len(train_y)} "
+                        "training images, so there is no full batch (train.drop_last is true)")
+    mean, std = channel_stats(train_x)
+    return TrainingData(train_x, train_y, arrays.train_images[sp.val], arrays.train_labels[sp.val], arrays.classes,
+                        split.split_hash(split_text), mean, std)
+
+
+def find_resume_point(job_dir: Path) -> tuple[dict | None, Path | None]:
+    """Rank 0: the job's checkpoint to continue from (last.pt, else best.pt), after clearing what
+    an interrupted write left; an unreadable one is set aside, never a dead end."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    for stale in atomic.remove_stale_temporaries(job_dir):
+        print(f"removed {stale.name}, left by an interrupted write")
+    resume, resume_path, notes = checkpoint.resume_point(job_dir)
+    for note in notes:
+        print(note)
+    project_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run .` created for this job
+    if resume and resume["complete"] and project_run not in (None, resume["mlflow_run_id"]):
+        print(f"{resume_path}: this training finished in MLflow run {resume['mlflow_run_id']}; "
+              f"`mlflow run` created run {project_run} for a new one, so it trains again")
+        return None, None
+    return resume, resume_path
+
+
+def epoch_batches(data: TrainingData, params: Params, device: torch.device, group: Group):
+    """(steps per epoch, batches(epoch, start_step), validation batches()) of this process."""
+    p = params.train
+    shard = {"rank": group.rank, "world_size": group.world_size}
+    val = DeviceBatches(torch.from_numpy(data.val_x).to(device), torch.from_numpy(data.val_y),
+                        params.evaluate.batch_size, data.mean, data.std, augment=None, shuffle=False, **shard)
+    if p.loader == "device":  # the whole training part resident on the device; each process its part of a batch
+        train = DeviceBatches(torch.from_numpy(data.train_x).to(device), torch.from_numpy(data.train_y),
+                              p.batch_size, data.mean, data.std, p.augment, seed=p.seed, drop_last=p.drop_last, **shard)
+        return len(train), train.epoch, lambda: val.epoch(0)
+    # the course's DataLoader path, the baseline; resumes at epoch boundaries only
+    n = len(data.train_y)
+    steps = n // p.batch_size if p.drop_last else -(-n // p.batch_size)
+
+    def batches(epoch: int, start_step: int):
+        loader = dataloader_batches(data.train_x, data.train_y, p.batch_size, data.mean, data.std, p.augment,
+                                    p.seed, epoch, num_workers=p.num_workers, drop_last=p.drop_last)
+        return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
+
+    return steps, batches, lambda: val.epoch(0)
+
+
+def train(paths: TrainPaths, params: Params, device: torch.device, group: Group) -> int:
+    """This process's training; rank 0 also reads and writes checkpoints, outputs and the MLflow run."""
+    p = params.train
+    main = group.is_main
+    client = store.connect() if main else None  # an unreachable store fails here, before any work
+    data = load_data(paths, params)
+    fingerprint = checkpoint.fingerprint(flatten(params), params.data.md5, data.split_hash,
+                                         checkpoint.code_digest(TRAINING_CODE))
+    job_dir = paths.checkpoint_dir / fingerprint  # one folder per job: experiments never overwrite each other's
+    resume, resume_path = find_resume_point(job_dir) if main else (None, None)
+    resume = group.broadcast(resume)  # every process continues from rank 0's checkpoint
+
+    setup = engine.build_training(params.model, p, device, group)  # the course's recipe, from params.yaml
+    steps_per_epoch, train_batches, val_batches = epoch_batches(data, params, device, group)
+    state = engine.TrainState()
+    if resume:
+        state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader == "device")
+        if main and state.epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
+            print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
+                  f"{resume['mlflow_run_id']} from it (no retraining)")
+        elif main:
+            print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {state.progress.step} of "
+                  f"{steps_per_epoch}" + (f", in {group.world_size} processes" if group.active else ""))
+
+    run = None
+    if main:  # MLflow, call 1 of 2: open the job's run
+        run = job.open_job_run(client, params, job.JobStart(
+            fingerprint, data.split_hash, engine.device_name(device), resumed=bool(resume),
+            resume_run_id=resume["mlflow_run_id"] if resume else None, history=state.history,
+            n_train=len(data.train_y), n_val=len(data.val_y)), Journal(journal_path(paths.run_id)), paths.run_id,
+            paths.tensorboard_dir)
+        print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
+              f"of {len(data.train_y)} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
+              + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
+                 else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
+
+    stop = StopRequest(say=tqdm.write if main else None)
+    hooks = StageHooks(stop, steps_per_epoch, p.epochs, mid_epoch=p.loader == "device",
+                       record=EpochRecord(run, setup, device, params, fingerprint, job_dir, paths.history) if main
+                       else None)
+    try:
+        with stop.installed():
+            if not engine.fit(setup, state, p.epochs, train_batches, val_batches, steps_per_epoch, hooks,
+                              group=group, log_every=p.log_every if main else 0, log=tqdm.write):
+                # One status for all processes (a signal may have reached only one). The others exit
+                # 0 at once; rank 0 returns it after the run is closed: a failed process would make
+                # torchrun stop the rest, rank 0 in the middle of its last MLflow calls.
+                exit_code = group.max(stop.exit_code, device)
+                if not main:
+                    return 0
+                run.stop("KILLED")
+                where = (f"in epoch {state.epoch + 1} after batch {state.progress.step}" if state.progress.step
+                         else f"after epoch {state.epoch}")
+                print(f"stopped {where}: checkpoint saved to {job_dir / 'last.pt'}. Run `dvc repro` to resume.")
+                return exit_code
+    except BaseException:
+        if run:
+            run.stop("FAILED", attempts=1)
+        raise
+    if main:
+        write_outputs(paths, params, state, setup, data, hooks.record, run)
+    return 0
+
+
+def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, setup: engine.TrainingSetup,
+                  data: TrainingData, record: EpochRecord, run: job.JobRun) -> None:
+    """A finished training's outputs (weights, history, metrics, the complete checkpoint), then
+    MLflow, call 2 of 2: the run closed with its artifacts and model."""
+    # NHWC (channels_last) was a training-speed choice; the weights file and the MLflow model get
+    # the standard layout, which loaders expect and torch.export (MLflow's pt2 format) saves
+    # without "No complete tensor found" warnings.
+    model = setup.model.to("cpu", memory_format=torch.contiguous_format)
+    checkpoint.save_weights(paths.weights, checkpoint.weights_file(model, params, data.mean, data.std, data.classes))
+    atomic.write_text(paths.history, pd.DataFrame(state.history).to_csv(index=False))
+    atomic.write_text(paths.metrics, json.dumps(training_summary(state.history), indent=2) + "\n")
+    record.save_checkpoint(state, complete=True)
+    faults.hit("finish", params.train.epochs)
+    # Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input
+    # example, and with its output the model's signature.
+    model_uri = run.close(checkpoints=[record.last, record.best], history=state.history, history_file=paths.history,
+                          weights=paths.weights, example=data.val_x[:4].copy(),
+                          registered_model=params.tracking.registered_model)
+    print(f"done: best val accuracy {state.best_val_accuracy:.4f}; weights {paths.weights}; model {model_uri}")
+
+
+def training_summary(history: list[dict[str, float]]) -> dict[str, float]:
+    """The training side of `dvc metrics`: best validation accuracy, its epoch, the time spent."""
+    best = max(history, key=lambda row: row["val_accuracy"])
+    return {"best_val_accuracy": best["val_accuracy"], "best_epoch": int(best["epoch"]), "epochs": len(history),
+            "train_seconds": round(sum(row["epoch_seconds"] for row in history), 1)}
+
+
+class EpochRecord:
+    """Rank 0's record of every epoch: checkpoints (best first, then last), the history file,
+    and the run's metrics and checkpoint artifacts."""
+
+    def __init__(self, run: job.JobRun, setup: engine.TrainingSetup, device: torch.device, params: Params,
+                 fingerprint: str, job_dir: Path, history_path: Path) -> None:
+        self.run, self.setup, self.device, self.params, self.fingerprint = run, setup, device, params, fingerprint
+        self.last, self.best, self.history_path = job_dir / "last.pt", job_dir / "best.pt", history_path
+
+    def save_checkpoint(self, state: engine.TrainState, complete: bool = False, path: Path | None = None) -> None:
+        checkpoint.save(path or self.last, checkpoint.build(
+            state, self.setup, self.device, seed=self.params.train.seed, run_id=self.run.run_id,
+            fingerprint=self.fingerprint, model_name=self.params.model.name, complete=complete))
+
+    def epoch(self, state: engine.TrainState, improved: bool) -> None:
+        if improved:  # best first: a kill between the two writes then just redoes this epoch
+            self.save_checkpoint(state, path=self.best)
+        self.save_checkpoint(state)
+        faults.hit("after_checkpoint", state.epoch)
+        atomic.write_text(self.history_path, pd.DataFrame(state.history).to_csv(index=False))
+        self.run.epoch_done(state.history, [self.last, self.best] if improved else [self.last])
+
+
+class StageHooks(engine.LoopHooks):
+    """The train stage's side of the epoch loop: progress bar, stop requests, fault points, and on
+    rank 0 the record of every epoch."""
+
+    def __init__(self, stop: StopRequest, steps_per_epoch: int, epochs: int, *, mid_epoch: bool,
+                 record: EpochRecord | None) -> None:
+        self.stop, self.steps_per_epoch, self.epochs, self.mid_epoch = stop, steps_per_epoch, epochs, mid_epoch
+        self.record = record  # rank 0; other processes: None (they write nothing)
+        self.bar: tqdm | None = None
+
+    def epoch_started(self, epoch: int, state: engine.TrainState) -> None:
+        if self.record:
+            self.bar = tqdm(total=self.steps_per_epoch, initial=state.progress.step,
+                            desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch", leave=False, mininterval=0.5)
+
+    def step_done(self, epoch: int, step: int) -> None:
+        if self.bar:
+            self.bar.update(1)
+        faults.hit("step", epoch + 1, step)
+
+    def stop_requested(self, inside_epoch: bool) -> bool:
+        # The DataLoader path can't replay half an epoch: it stops at the end of the epoch instead.
+        return self.stop.requested and (self.mid_epoch or not inside_epoch)
+
+    def _close_bar(self) -> None:
+        if self.bar:
+            self.bar.close()
+            self.bar = None
+
+    def stopped_in_epoch(self, state: engine.TrainState) -> None:
+        self._close_bar()
+        if self.record:
+            self.record.save_checkpoint(state)
+
+    def validation_started(self, epoch: int) -> None:
+        self._close_bar()
+        faults.hit("validation", epoch + 1)
+
+    def epoch_finished(self, state: engine.TrainState, row: dict[str, float], improved: bool) -> None:
+        if not self.record:
+            return
+        self.record.epoch(state, improved)
+        print(f"epoch {state.epoch:3d}/{self.epochs}  train loss {row['train_loss']:.4f}  val loss "
+              f"{row['val_loss']:.4f}  val acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  "
+              f"{row['epoch_seconds']:6.1f} s  {row['images_per_second']:8.0f} img/s", flush=True)

@@ -1,0 +1,87 @@
+"""The run's MLflow model: logged from the weights file, found again, loaded.
+
+The model is the whole inference path (cifarpipe.serving): uint8 images (N, 32, 32, 3) in, class
+names and probabilities out, with the weights file as its one artifact and this package as its code.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.entities import LoggedModelStatus
+from mlflow.tracking import MlflowClient
+
+from cifarpipe.config import UserError
+from cifarpipe.tracking.store import fail_fast_http, require_store_file, short_error, tracking_uri
+
+MODEL_NAME = "model"  # the artifact name of every run's model (runs:/<id>/model)
+# The model's pip requirements: what its inference path imports, at the versions that logged it.
+_REQUIREMENTS = ("torch", "numpy", "pandas", "pydantic", "pyyaml")
+
+
+def log_model(run_id: str, weights: Path, input_example: np.ndarray) -> str:
+    """Log run `run_id`'s MLflow model from `weights` with `input_example` (uint8 images) as its
+    example and, with its output, its signature; returns the model's URI.
+
+    Through MLflow's fluent API (the store MLflow resolves: tracking.store.tracking_uri exports it).
+    start_run's exit marks the run FINISHED: the journal logs the model only once everything
+    journaled before it for this run has landed, and the run's status item follows it."""
+    import cifarpipe
+    from cifarpipe.serving import pyfunc
+    from cifarpipe.training import checkpoint
+
+    example = np.ascontiguousarray(input_example, dtype=np.uint8)
+    signature = pyfunc.signature(example, checkpoint.load(Path(weights))["classes"])
+    versions = {name: importlib.metadata.version(name) for name in _REQUIREMENTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        # The package's sources only: no bytecode caches or temporaries in the model.
+        package = Path(tmp) / "cifarpipe"
+        shutil.copytree(Path(cifarpipe.__file__).parent, package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=str(package / "serving" / "mlflow_model.py"),
+                                           artifacts={pyfunc.WEIGHTS_ARTIFACT: str(weights)},
+                                           model_config={"device": "cpu"},  # a loader may override it
+                                           code_paths=[str(package)], signature=signature, input_example=example,
+                                           pip_requirements=[f"{n}=={v}" for n, v in versions.items()])
+    return info.model_uri
+
+
+def run_models(client: MlflowClient, run_id: str) -> list:
+    """The models named MODEL_NAME that run `run_id` logged (READY or left PENDING/FAILED by an outage)."""
+    exp_id = client.get_run(run_id).info.experiment_id
+    return [m for m in client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'")
+            if m.name == MODEL_NAME]
+
+
+def logged_model_uri(client: MlflowClient, run_id: str) -> str | None:
+    """The model this run already logged (MLflow 3 keeps models as LoggedModels), or None."""
+    return next((m.model_uri for m in run_models(client, run_id) if m.status == LoggedModelStatus.READY), None)
+
+
+def log_model_once(client: MlflowClient, run_id: str, weights: Path, input_example: np.ndarray) -> None:
+    """Log the model unless the run has it. A model whose upload an outage cut off stays behind
+    as PENDING or FAILED: delete it, so the run ends with exactly one model."""
+    models = run_models(client, run_id)
+    if any(m.status == LoggedModelStatus.READY for m in models):
+        return
+    for m in models:
+        client.delete_logged_model(m.model_id)
+    log_model(run_id, weights, input_example)
+
+
+def load_model(uri: str):
+    """The MLflow model at `uri` (runs:/<id>/model, models:/<name>/<version>, a folder) as pyfunc,
+    predicting on the CPU. UserError, with the URI, for a missing store, run, model or version."""
+    store = tracking_uri()
+    if uri.startswith(("runs:/", "models:/")):
+        require_store_file(store, "run this command in the repository root, or set MLFLOW_TRACKING_URI")
+    try:
+        with fail_fast_http():
+            return mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
+    except Exception as e:
+        raise UserError(f"could not load the MLflow model {uri} from {store} ({short_error(e)})") from None
