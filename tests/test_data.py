@@ -93,7 +93,18 @@ def test_save_and_load_round_trip(tiny_archive, tmp_path):
     data.save_arrays(a, tmp_path / "c.npz")
     b = data.load_arrays(tmp_path / "c.npz")
     np.testing.assert_array_equal(a.train_images, b.train_images)
+    np.testing.assert_array_equal(a.test_images, b.test_images)
     assert a.classes == b.classes
+    # The stages map one part of the file instead of reading it; a compressed npz is read normally.
+    images, labels, classes = data.load_part(tmp_path / "c.npz", "test")
+    assert isinstance(images, np.memmap) and not images.flags.writeable
+    np.testing.assert_array_equal(images, a.test_images)
+    np.testing.assert_array_equal(labels, a.test_labels)
+    np.savez_compressed(tmp_path / "z.npz", train_images=a.train_images, train_labels=a.train_labels,
+                        test_images=a.test_images, test_labels=a.test_labels, classes=np.array(a.classes))
+    images, _, _ = data.load_part(tmp_path / "z.npz", "train")
+    assert not isinstance(images, np.memmap)
+    np.testing.assert_array_equal(images, a.train_images)
 
 
 def test_truncated_and_non_gzip_archives_are_clear_errors(tiny_archive, tmp_path):

@@ -81,6 +81,12 @@ def test_dvc_repro_trains_evaluates_and_tracks_one_complete_run(project, monkeyp
     test_acc = json.loads((project / "outputs/metrics.json").read_text())["accuracy"]
     assert runs[0].data.metrics["test_accuracy"] == pytest.approx(test_acc)
     assert test_acc > 0.3  # ten mean colours are easy: far above chance (0.1) even in 2 epochs
+    # Each stage says where its seconds went, and the run keeps it (step 0).
+    for stage, phases in (("train", ("start", "load_data", "epochs", "outputs")), ("evaluate", ("start", "deliver"))):
+        line = next(l for l in out.splitlines() if l.startswith(f"{stage} stage: "))
+        assert " s = start " in line, line
+        logged = {k for k in runs[0].data.metrics if k.startswith(f"seconds/{stage}/")}
+        assert {f"seconds/{stage}/{p}" for p in phases if p != "deliver"} <= logged, logged
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(f"runs:/{runs[0].info.run_id}/model", dst_path=str(project / "m"))

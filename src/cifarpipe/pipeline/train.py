@@ -10,19 +10,24 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
 from cifarpipe import atomic, faults
 from cifarpipe.config import Params, UserError, flatten, load_params, recipe_changes
 from cifarpipe.data import archive, split
 from cifarpipe.data.batches import DeviceBatches, channel_stats, dataloader_batches
+from cifarpipe.pipeline.phases import Phases, timed
 from cifarpipe.tracking import job, store
 from cifarpipe.tracking.journal import Journal, journal_path
 from cifarpipe.training import checkpoint, distributed, engine
@@ -52,6 +57,7 @@ class TrainPaths:
 def main(paths: TrainPaths, params_path: Path, script: str, argv: list[str]) -> int:
     """The stage: validate params, then train in this process, or start `script argv` under
     torchrun once per process (train.nproc_per_node > 1). Returns the exit status."""
+    phases = Phases("train")
     params = load_params(params_path)
     p = params.train
     device = engine.pick_device(p.device)
@@ -64,7 +70,7 @@ def main(paths: TrainPaths, params_path: Path, script: str, argv: list[str]) -> 
             print(f"train.nproc_per_node = {p.nproc_per_node}: torchrun "
                   + shlex.join(distributed.launch_args(p.nproc_per_node, script, argv)), flush=True)
             return distributed.launch(p.nproc_per_node, script, argv, device.type)
-    return distributed.run_in_group(p, device, lambda device, group: train(paths, params, device, group))
+    return distributed.run_in_group(p, device, lambda device, group: train(paths, params, device, group, phases))
 
 
 @dataclass
@@ -81,23 +87,21 @@ class TrainingData:
 
 
 def load_data(paths: TrainPaths, params: Params) -> TrainingData:
-    arrays = archive.load_arrays(paths.data)
+    images, labels, classes = archive.load_part(paths.data, "train")
     split_text = paths.split.read_text()
     sp = split.from_json(split_text)
-    train_x, train_y = arrays.train_images[sp.train], arrays.train_labels[sp.train]
+    train_x, train_y = images[sp.train], labels[sp.train]
     p = params.train
     if p.drop_last and p.batch_size > len(train_y):
         raise UserError(f"params.yaml: train.batch_size = {p.batch_size}: larger than the {len(train_y)} "
                         "training images, so there is no full batch (train.drop_last is true)")
     mean, std = channel_stats(train_x)
-    return TrainingData(train_x, train_y, arrays.train_images[sp.val], arrays.train_labels[sp.val], arrays.classes,
-                        split.split_hash(split_text), mean, std)
+    return TrainingData(train_x, train_y, images[sp.val], labels[sp.val], classes, split.split_hash(split_text), mean, std)
 
 
 def find_resume_point(job_dir: Path) -> tuple[dict | None, Path | None]:
     """Rank 0: the job's checkpoint to continue from (last.pt, else best.pt), after clearing what
     an interrupted write left; an unreadable one is set aside, never a dead end."""
-    job_dir.mkdir(parents=True, exist_ok=True)
     for stale in atomic.remove_stale_temporaries(job_dir):
         print(f"removed {stale.name}, left by an interrupted write")
     resume, resume_path, notes = checkpoint.resume_point(job_dir)
@@ -133,34 +137,33 @@ def epoch_batches(data: TrainingData, params: Params, device: torch.device, grou
     return steps, batches, lambda: val.epoch(0)
 
 
-def train(paths: TrainPaths, params: Params, device: torch.device, group: Group) -> int:
+def train(paths: TrainPaths, params: Params, device: torch.device, group: Group, phases: Phases) -> int:
     """This process's training; rank 0 also reads and writes checkpoints, outputs and the MLflow run."""
     p = params.train
     main = group.is_main
-    client = store.connect() if main else None  # an unreachable store fails here, before any work
-    data = load_data(paths, params)
-    fingerprint = checkpoint.fingerprint(flatten(params), params.data.md5, data.split_hash,
-                                         checkpoint.code_digest(TRAINING_CODE))
-    job_dir = paths.checkpoint_dir / fingerprint  # one folder per job: experiments never overwrite each other's
-    resume, resume_path = find_resume_point(job_dir) if main else (None, None)
-    resume = group.broadcast(resume)  # every process continues from rank 0's checkpoint
-
-    setup = engine.build_training(params.model, p, device, group)  # the course's recipe, from params.yaml
-    steps_per_epoch, train_batches, val_batches = epoch_batches(data, params, device, group)
-    state = engine.TrainState()
-    if resume:
-        state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader == "device")
-        if main and state.epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
-            print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
-                  f"{resume['mlflow_run_id']} from it (no retraining)")
-        elif main:
-            print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {state.progress.step} of "
-                  f"{steps_per_epoch}" + (f", in {group.world_size} processes" if group.active else ""))
+    with ThreadPoolExecutor(1, thread_name_prefix="warm-up") as pool:
+        store_ready = pool.submit(timed, lambda: warm_up(main), phases.background, "warm-up")
+        try:
+            data = load_data(paths, params)
+            phases.lap("load data")
+            job_dir, resume, resume_path = resume_point(paths, params, data, group)
+            phases.lap("resume point")
+            setup = engine.build_training(params.model, p, device, group)  # the course's recipe, from params.yaml
+            steps_per_epoch, train_batches, val_batches = epoch_batches(data, params, device, group)
+            phases.lap("model and batches")
+            state = restored_state(resume, resume_path, setup, params, device, group, steps_per_epoch)
+        except Exception:
+            store_ready.result()  # a store that does not answer is reported first: nothing works without it
+            raise
+        client = store_ready.result()  # an unreachable store stops the stage here, before any training
+        phases.lap("store")
+    if main:
+        job_dir.mkdir(parents=True, exist_ok=True)
 
     run = None
     if main:  # MLflow, call 1 of 2: open the job's run
         run = job.open_job_run(client, params, job.JobStart(
-            fingerprint, data.split_hash, engine.device_name(device), resumed=bool(resume),
+            job_dir.name, data.split_hash, engine.device_name(device), resumed=bool(resume),
             resume_run_id=resume["mlflow_run_id"] if resume else None, history=state.history,
             n_train=len(data.train_y), n_val=len(data.val_y)), Journal(journal_path(paths.run_id)), paths.run_id,
             paths.tensorboard_dir)
@@ -168,37 +171,81 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group)
               f"of {len(data.train_y)} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
               + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
                  else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
+        phases.lap("open run")
 
     stop = StopRequest(say=tqdm.write if main else None)
     hooks = StageHooks(stop, steps_per_epoch, p.epochs, mid_epoch=p.loader == "device",
-                       record=EpochRecord(run, setup, device, params, fingerprint, job_dir, paths.history) if main
-                       else None)
+                       record=EpochRecord(run, setup, device, params, job_dir, paths.history) if main else None)
     try:
         with stop.installed():
             if not engine.fit(setup, state, p.epochs, train_batches, val_batches, steps_per_epoch, hooks,
                               group=group, log_every=p.log_every if main else 0, log=tqdm.write):
-                # One status for all processes (a signal may have reached only one). The others exit
-                # 0 at once; rank 0 returns it after the run is closed: a failed process would make
-                # torchrun stop the rest, rank 0 in the middle of its last MLflow calls.
-                exit_code = group.max(stop.exit_code, device)
-                if not main:
-                    return 0
-                run.stop("KILLED")
-                where = (f"in epoch {state.epoch + 1} after batch {state.progress.step}" if state.progress.step
-                         else f"after epoch {state.epoch}")
-                print(f"stopped {where}: checkpoint saved to {job_dir / 'last.pt'}. Run `dvc repro` to resume.")
-                return exit_code
+                return stopped(state, stop, run, job_dir, device, group)
     except BaseException:
         if run:
             run.stop("FAILED", attempts=1)
         raise
+    phases.lap("epochs")
     if main:
-        write_outputs(paths, params, state, setup, data, hooks.record, run)
+        write_outputs(paths, params, state, setup, data, hooks.record, run, phases)
     return 0
 
 
+def warm_up(main: bool) -> MlflowClient | None:
+    """What needs no data, done while the data loads: torch._dynamo, which the optimizer's first
+    method call imports (1.6 s on a 2-core CPU), and on rank 0 the MLflow store (its client's
+    imports, 1.2 s, and the check that it answers: UserError if not). Returns rank 0's client."""
+    import torch._dynamo  # noqa: F401
+
+    return store.connect() if main else None
+
+
+def resume_point(paths: TrainPaths, params: Params, data: TrainingData, group: Group
+                 ) -> tuple[Path, dict | None, Path | None]:
+    """The job's checkpoint folder (params + data + code: experiments never overwrite each other's)
+    and, read by rank 0 and sent to every process, the checkpoint to continue from."""
+    fingerprint = checkpoint.fingerprint(flatten(params), params.data.md5, data.split_hash,
+                                         checkpoint.code_digest(TRAINING_CODE))
+    job_dir = paths.checkpoint_dir / fingerprint
+    resume, resume_path = find_resume_point(job_dir) if group.is_main else (None, None)
+    return job_dir, group.broadcast(resume), resume_path
+
+
+def restored_state(resume: dict | None, resume_path: Path | None, setup: engine.TrainingSetup, params: Params,
+                   device: torch.device, group: Group, steps_per_epoch: int) -> engine.TrainState:
+    """Where training starts: the checkpoint's state (model, optimizer, scheduler and generators
+    loaded), or the beginning."""
+    if not resume:
+        return engine.TrainState()
+    p = params.train
+    state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader == "device")
+    if group.is_main and state.epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
+        print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
+              f"{resume['mlflow_run_id']} from it (no retraining)")
+    elif group.is_main:
+        print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {state.progress.step} of "
+              f"{steps_per_epoch}" + (f", in {group.world_size} processes" if group.active else ""))
+    return state
+
+
+def stopped(state: engine.TrainState, stop: StopRequest, run: job.JobRun | None, job_dir: Path,
+            device: torch.device, group: Group) -> int:
+    """A stop request ended the loop at a safe point (its checkpoint is written): one exit status
+    for all processes (a signal may have reached only one). The others exit 0 at once; rank 0
+    returns it after the run is closed: a failed process would make torchrun stop the rest, rank 0
+    in the middle of its last MLflow calls."""
+    exit_code = group.max(stop.exit_code, device)
+    if not group.is_main:
+        return 0
+    run.stop("KILLED")
+    where = (f"in epoch {state.epoch + 1} after batch {state.progress.step}" if state.progress.step
+             else f"after epoch {state.epoch}")
+    print(f"stopped {where}: checkpoint saved to {job_dir / 'last.pt'}. Run `dvc repro` to resume.")
+    return exit_code
+
+
 def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, setup: engine.TrainingSetup,
-                  data: TrainingData, record: EpochRecord, run: job.JobRun) -> None:
+                  data: TrainingData, record: EpochRecord, run: job.JobRun, phases: Phases) -> None:
     """A finished training's outputs (weights, history, metrics, the complete checkpoint), then
     MLflow, call 2 of 2: the run closed with its artifacts and model."""
     # NHWC (channels_last) was a training-speed choice; the weights file and the MLflow model get
@@ -210,12 +257,15 @@ def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, s
     atomic.write_text(paths.metrics, json.dumps(training_summary(state.history), indent=2) + "\n")
     record.save_checkpoint(state, complete=True)
     faults.hit("finish", params.train.epochs)
+    phases.lap("outputs")
     # Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input
     # example, and with its output the model's signature.
     model_uri = run.close(checkpoints=[record.last, record.best], history=state.history, history_file=paths.history,
                           weights=paths.weights, example=data.val_x[:4].copy(),
-                          registered_model=params.tracking.registered_model)
+                          registered_model=params.tracking.registered_model, metrics=phases.metrics())
+    phases.lap("close run")
     print(f"done: best val accuracy {state.best_val_accuracy:.4f}; weights {paths.weights}; model {model_uri}")
+    print(phases.report(), flush=True)
 
 
 def training_summary(history: list[dict[str, float]]) -> dict[str, float]:
@@ -230,8 +280,8 @@ class EpochRecord:
     and the run's metrics and checkpoint artifacts."""
 
     def __init__(self, run: job.JobRun, setup: engine.TrainingSetup, device: torch.device, params: Params,
-                 fingerprint: str, job_dir: Path, history_path: Path) -> None:
-        self.run, self.setup, self.device, self.params, self.fingerprint = run, setup, device, params, fingerprint
+                 job_dir: Path, history_path: Path) -> None:
+        self.run, self.setup, self.device, self.params, self.fingerprint = run, setup, device, params, job_dir.name
         self.last, self.best, self.history_path = job_dir / "last.pt", job_dir / "best.pt", history_path
 
     def save_checkpoint(self, state: engine.TrainState, complete: bool = False, path: Path | None = None) -> None:

@@ -68,10 +68,11 @@ class JobRun:
         self.logger.finish(status)
 
     def close(self, *, checkpoints: list[Path], history: list[dict[str, float]], history_file: Path, weights: Path,
-              example: np.ndarray, registered_model: str) -> str:
+              example: np.ndarray, registered_model: str, metrics: dict[str, float] | None = None) -> str:
         """Deliver a finished training's record: queued metrics, the checkpoints and history as
-        artifacts, the model (logged from the weights file), then status FINISHED, last; register
-        the model as a version of `registered_model` ("" = off).
+        artifacts, `metrics` (step 0: the stage's phase timings), the model (logged from the weights
+        file), then status FINISHED, last; register the model as a version of `registered_model`
+        ("" = off).
 
         Everything goes through the journal: what the store does not take stays there and is
         delivered by evaluate or the next `dvc repro`; the stage still succeeds, since its outputs
@@ -89,6 +90,8 @@ class JobRun:
         if self.tb_dir:  # the TensorBoard event file: a `--logdir` once downloaded
             tensorboard.write_tensorboard(self.tb_dir, history)
             journal.add_artifact(self.run_id, self.tb_dir / tensorboard.TENSORBOARD_FILE, f"tensorboard/{self.tb_dir.name}")
+        if metrics:
+            journal.add_metrics(self.run_id, metrics)
         journal.add_model(self.run_id, weights, example)
         logger.finish("FINISHED")  # journals the status after the rest and delivers this run's items
         left = [it for it in journal.items if it["run_id"] == self.run_id]

@@ -73,6 +73,11 @@ class Journal:
         self.items.append(item)
         self.save()
 
+    def add_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.add({"run_id": run_id, "kind": "metrics", "metrics": [
+            {"key": k, "value": float(v), "timestamp": now, "step": step} for k, v in metrics.items()]})
+
     def add_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         # The hash pins the file's content: a later job may overwrite the file before the store is back.
         self.add({"run_id": run_id, "kind": "artifact", "path": str(path), "artifact_path": artifact_path,

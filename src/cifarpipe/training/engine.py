@@ -46,6 +46,7 @@ class EvalResult:
     loss: float
     accuracy: float
     predictions: np.ndarray  # predicted class per image, in batch order
+    confidences: np.ndarray | None = None  # softmax probability of each predicted class (evaluate(confidences=True))
 
 
 def pick_device(name: str) -> torch.device:
@@ -178,21 +179,26 @@ def eval_logits(model: nn.Module, x: torch.Tensor, *, amp: bool = False, tta_fli
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False, tta_flip: bool = False) -> EvalResult:
-    """Mean cross-entropy and accuracy over `batches`, with the model in eval mode."""
+def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False, tta_flip: bool = False,
+             confidences: bool = False) -> EvalResult:
+    """Mean cross-entropy and accuracy over `batches`, with the model in eval mode; with
+    `confidences`, also each prediction's softmax probability (from the same logits)."""
     device = next(model.parameters()).device
     model.eval()
     loss_sum = torch.zeros((), device=device)
-    preds, n, correct = [], 0, torch.zeros((), device=device, dtype=torch.long)
+    preds, probs, n, correct = [], [], 0, torch.zeros((), device=device, dtype=torch.long)
     for x, y in batches:
         logits = eval_logits(model, x, amp=amp, tta_flip=tta_flip)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         pred = logits.argmax(1)
         correct += (pred == y).sum()
         preds.append(pred)
+        if confidences:
+            probs.append(torch.softmax(logits, 1).gather(1, pred[:, None])[:, 0])
         n += len(y)
     predictions = torch.cat(preds).cpu().numpy() if preds else np.empty(0, np.int64)  # a rank may get no images
-    return EvalResult(loss_sum.item() / max(n, 1), correct.item() / max(n, 1), predictions)
+    conf = (torch.cat(probs).cpu().numpy() if probs else np.empty(0, np.float32)) if confidences else None
+    return EvalResult(loss_sum.item() / max(n, 1), correct.item() / max(n, 1), predictions, conf)
 
 
 # ---------------------------------------------------------------- the epoch loop
