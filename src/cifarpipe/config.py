@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cifarpipe.dotted import flatten_mapping, set_dotted, unflatten  # noqa: F401  (unflatten: part of this module's API)
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad params, bad archive, unreachable URL): printed without traceback."""
@@ -320,45 +322,6 @@ def recipe_changes(path: str | Path = "params.yaml", recipe: str | None = None) 
     own = flatten(parse_params(read_yaml_text(path.read_text(), str(path)), str(path)))
     effective = flatten(load_params(path, recipe))
     return {k: (own[k], v) for k, v in effective.items() if k != "recipe" and own[k] != v}
-
-
-def flatten_mapping(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"optimizer": {"lr": 0.001}}} -> {"train.optimizer.lr": 0.001}: the dotted keys
-    of `dvc exp run -S` and of MLflow's params. An empty mapping inside is a value of its own;
-    tuples become lists, as YAML writes them."""
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(flatten_mapping(value, dotted))
-        else:
-            out[dotted] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """{"train.optimizer.lr": 0.001} -> {"train": {"optimizer": {"lr": 0.001}}}: flatten_mapping undone."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
-def set_dotted(mapping: dict[str, Any], key: str, value: Any) -> bool:
-    """Set the existing leaf `key` ("train.optimizer.lr") of a nested mapping; False (nothing set)
-    when the mapping has no such leaf."""
-    *parents, leaf = key.split(".")
-    node: Any = mapping
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-    if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
-        return False
-    node[leaf] = value
-    return True
 
 
 def flatten(params: Params) -> dict[str, Any]:
