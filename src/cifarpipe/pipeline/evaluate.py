@@ -44,10 +44,10 @@ class EvaluatePaths:
 
 @torch.no_grad()
 def predicted_confidence(model: torch.nn.Module, batches: DeviceBatches, predictions: np.ndarray, amp: bool,
-                         tta_flip: bool) -> np.ndarray:
+                         tta: str) -> np.ndarray:
     """Softmax probability of each image's predicted class, from the same logits as engine.evaluate."""
     model.eval()
-    probs = [torch.softmax(engine.eval_logits(model, x, amp=amp, tta_flip=tta_flip), 1).cpu()
+    probs = [torch.softmax(engine.eval_logits(model, x, amp=amp, tta=tta), 1).cpu()
              for x, _ in batches.epoch(0)]
     probs = torch.cat(probs).numpy() if probs else np.zeros((0, 1), np.float32)
     return probs[np.arange(len(predictions)), predictions]
@@ -62,16 +62,18 @@ def main(paths: EvaluatePaths, params_path: Path) -> int:
         weights = checkpoint.load(paths.weights)
     except FileNotFoundError:
         raise UserError(f"{paths.weights}: not found; run the train stage first") from None
-    model = build_model(ModelParams(**weights["model"])).to(device)
+    model_params = ModelParams(**weights["model"])
+    model = build_model(model_params).to(device)
     model.load_state_dict(weights["state_dict"])
-    amp, tta_flip, batch_size = engine.amp_enabled(params.train.amp, device), params.evaluate.tta_flip, params.evaluate.batch_size
+    amp, batch_size = engine.amp_enabled(params.train.amp, device), params.evaluate.batch_size
+    tta = engine.test_views(model_params.tta, params.evaluate.tta_flip)  # the model's own views, as predict uses
 
     def batches(images: np.ndarray, labels: np.ndarray) -> DeviceBatches:
         return DeviceBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels), batch_size,
                              weights["mean"], weights["std"], augment=None, shuffle=False)
 
     test_x, test_y = arrays.test_images, arrays.test_labels
-    result = engine.evaluate(model, batches(test_x, test_y).epoch(0), amp=amp, tta_flip=tta_flip)
+    result = engine.evaluate(model, batches(test_x, test_y).epoch(0), amp=amp, tta=tta)
 
     # ---- the outputs, each written atomically, before any MLflow call
     classes = weights["classes"]
@@ -89,7 +91,7 @@ def main(paths: EvaluatePaths, params_path: Path) -> int:
     wrong = np.flatnonzero(result.predictions != test_y)
     confidences = np.full(len(test_y), np.nan)
     confidences[wrong] = predicted_confidence(model, batches(test_x[wrong], test_y[wrong]), result.predictions[wrong],
-                                              amp, tta_flip)
+                                              amp, tta)
     report.mistakes_png(test_x, test_y, result.predictions, confidences, classes, paths.mistakes_png,
                         f"{weights['model']['name']}: the most confidently misclassified test images "
                         f"({len(wrong)} of {len(test_y)} wrong)")
