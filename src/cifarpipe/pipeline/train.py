@@ -11,6 +11,8 @@ import json
 import os
 import shlex
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,19 +22,21 @@ import torch
 from tqdm import tqdm
 
 from cifarpipe import atomic, faults
-from cifarpipe.config import Params, UserError, flatten, load_params, recipe_changes
+from cifarpipe.config import Params, TrainParams, UserError, flatten, load_params, recipe_changes
 from cifarpipe.data import archive, split
-from cifarpipe.data.batches import DeviceBatches, channel_stats, dataloader_batches
+from cifarpipe.data.batches import DeviceBatches, EpochBatches, channel_stats, dataloader_batches, whitening_images
 from cifarpipe.tracking import job, store
 from cifarpipe.tracking.journal import Journal, journal_path
 from cifarpipe.training import checkpoint, distributed, engine
 from cifarpipe.training.distributed import Group
+from cifarpipe.training.step import warm_up
 from cifarpipe.training.stop import StopRequest
 
 # The code whose change makes a half-trained checkpoint someone else's: it is part of the job's
 # fingerprint, so other code never continues it silently.
 _PACKAGE = Path(engine.__file__).parents[1]
-TRAINING_CODE = [_PACKAGE / "training" / name for name in ("engine.py", "optim.py", "models.py", "distributed.py")] + [
+TRAINING_CODE = [_PACKAGE / "training" / name for name in ("engine.py", "optim.py", "models.py", "distributed.py",
+                                                          "step.py", "lookahead.py")] + [
     _PACKAGE / "data" / "batches.py", Path(__file__)]
 
 
@@ -117,8 +121,9 @@ def epoch_batches(data: TrainingData, params: Params, device: torch.device, grou
     shard = {"rank": group.rank, "world_size": group.world_size}
     val = DeviceBatches(torch.from_numpy(data.val_x).to(device), torch.from_numpy(data.val_y),
                         params.evaluate.batch_size, data.mean, data.std, augment=None, shuffle=False, **shard)
-    if p.loader == "device":  # the whole training part resident on the device; each process its part of a batch
-        train = DeviceBatches(torch.from_numpy(data.train_x).to(device), torch.from_numpy(data.train_y),
+    if p.loader in ("device", "device_epoch"):  # the whole training part on the device; each process its part of a batch
+        kind = EpochBatches if p.loader == "device_epoch" else DeviceBatches  # the same batches, made per epoch
+        train = kind(torch.from_numpy(data.train_x).to(device), torch.from_numpy(data.train_y),
                               p.batch_size, data.mean, data.std, p.augment, seed=p.seed, drop_last=p.drop_last, **shard)
         return len(train), train.epoch, lambda: val.epoch(0)
     # the course's DataLoader path, the baseline; resumes at epoch boundaries only
@@ -145,11 +150,13 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group)
     resume, resume_path = find_resume_point(job_dir) if main else (None, None)
     resume = group.broadcast(resume)  # every process continues from rank 0's checkpoint
 
-    setup = engine.build_training(params.model, p, device, group)  # the course's recipe, from params.yaml
     steps_per_epoch, train_batches, val_batches = epoch_batches(data, params, device, group)
+    setup = engine.build_training(params.model, p, device, group, steps_per_epoch=steps_per_epoch,  # params.yaml's recipe
+                                  init_images=whitening_images(torch.from_numpy(data.train_x).to(device), data.mean,
+                                                               data.std) if params.model.name == "airnet" else None)
     state = engine.TrainState()
     if resume:
-        state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader == "device")
+        state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader != "dataloader")
         if main and state.epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
             print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
                   f"{resume['mlflow_run_id']} from it (no retraining)")
@@ -169,8 +176,10 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group)
               + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
                  else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
 
+    prepare_steps(setup, state, p, train_batches, log=print if main else lambda line: None)
+
     stop = StopRequest(say=tqdm.write if main else None)
-    hooks = StageHooks(stop, steps_per_epoch, p.epochs, mid_epoch=p.loader == "device",
+    hooks = StageHooks(stop, steps_per_epoch, p.epochs, mid_epoch=p.loader != "dataloader",
                        record=EpochRecord(run, setup, device, params, fingerprint, job_dir, paths.history) if main
                        else None)
     try:
@@ -195,6 +204,23 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group)
     if main:
         write_outputs(paths, params, state, setup, data, hooks.record, run)
     return 0
+
+
+def prepare_steps(setup: engine.TrainingSetup, state: engine.TrainState, p: TrainParams,
+                  train_batches: Callable[[int, int], engine.Batches], log: Callable[[str], None]) -> None:
+    """Before the timed epochs: airnet's whitening time joins epoch 1's (airbench94's timer counts it
+    too); the kernel warm-up (train.kernel_warmup_steps, undone bitwise) and the CUDA graph's capture
+    do not, and are printed instead."""
+    if not state.history and not state.progress.step and setup.init_seconds:
+        state.seconds = setup.init_seconds
+        log(f"whitening layer computed from the training images in {setup.init_seconds:.3f} s (part of epoch 1's time)")
+    if p.kernel_warmup_steps and state.epoch < p.epochs:
+        t0 = time.perf_counter()
+        x, y = next(iter(train_batches(state.epoch, 0)))
+        warm_up(setup.step, x, y, p.kernel_warmup_steps)
+        captured = ", then the step captured as a CUDA graph" if getattr(setup.step, "graph", None) else ""
+        log(f"kernel warm-up: {p.kernel_warmup_steps} steps, undone{captured}, in {time.perf_counter() - t0:.2f} s "
+            "(not part of the epochs' time)")
 
 
 def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, setup: engine.TrainingSetup,
