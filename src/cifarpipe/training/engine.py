@@ -150,7 +150,8 @@ def make_step(setup: TrainingSetup, p: TrainParams, steps_per_epoch: int | None)
     if p.lookahead.every:
         lookahead = Lookahead(setup.model, p.lookahead, total)
     kind = GraphedStep if p.cuda_graph else TrainStep
-    return kind(setup.step_model, setup.optimizer, setup.loss_fn, amp=setup.amp, rates=rates, lookahead=lookahead)
+    return kind(setup.step_model, setup.optimizer, setup.loss_fn, amp=setup.amp, rates=rates, lookahead=lookahead,
+                running_loss=p.log_every > 0)
 
 
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,

@@ -27,9 +27,10 @@ class TrainStep:
     """One optimizer step per call; `global_step` (host) counts the steps of the whole training."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, *, amp: bool = False,
-                 rates: StepRates | None = None, lookahead: Lookahead | None = None) -> None:
+                 rates: StepRates | None = None, lookahead: Lookahead | None = None, running_loss: bool = True) -> None:
         self.model, self.optimizer, self.loss_fn, self.amp = model, optimizer, loss_fn, amp
         self.rates, self.lookahead = rates, lookahead
+        self.running_loss = running_loss  # False (train.log_every 0): one kernel less per step
         self.device = next(model.parameters()).device
         self.loss_sum = torch.zeros((), device=self.device)  # plain cross-entropy x images, this epoch
         self.correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -66,7 +67,8 @@ class TrainStep:
         plain_ce = F.cross_entropy(logits, y)  # 10 classes: a tiny extra op
         self.loss_sum += plain_ce * len(y)
         self.correct += (logits.argmax(1) == y).sum()
-        self.running += plain_ce
+        if self.running_loss:
+            self.running += plain_ce
 
     def after_update(self) -> None:
         self.global_step += 1
