@@ -267,6 +267,7 @@ def profile(params, device: torch.device, n_images: int, steps: int) -> dict:
         r = out[mode]
         print(f"profile {mode}: {r['launches_per_step']:.1f} launches/step, wall {r['wall_ms_per_step']:.2f} ms/step, "
               f"GPU busy {r.get('gpu_busy_ms_per_step')} ms/step", flush=True)
+    step_profile.flag_untraced_graph(out)
     out["graphed_equals_eager_bitwise"] = step_profile.graphed_equals_eager(params, device, images, labels, 10)
     return out
 

@@ -125,13 +125,16 @@ class AirNet(nn.Module):
 
     @torch.no_grad()
     def init_whitening(self, images: torch.Tensor) -> None:
-        """Set the whitening filters from normalised training images (N, 3, 32, 32); float64 on the CPU,
-        so every device and process computes the same filters."""
-        x = images.detach().to("cpu", torch.float64)
+        """Set the whitening filters from normalised training images (N, 3, 32, 32). The covariance is
+        summed in float64 where the images are (on an H200 a few ms for 5000 images; the 2-core CPU
+        takes ~0.3 s), its 12x12 eigendecomposition on the CPU; every process of a job computes the
+        same filters, and a resumed job reads them from its checkpoint."""
+        x = images.detach().to(torch.float64)
         patches = x.unfold(2, 2, 1).unfold(3, 2, 1)  # N, C, 31, 31, 2, 2
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)  # one row per patch, in (c, kh, kw) order
         patches = patches - patches.mean(0)
-        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        covariance = (patches.T @ patches / len(patches)).cpu()
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         filters = eigenvectors.T / torch.sqrt(eigenvalues + self.WHITEN_EPS)[:, None]
         self.whiten.weight.copy_(torch.cat([filters, -filters]).view(24, 3, 2, 2))
 
