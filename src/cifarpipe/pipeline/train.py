@@ -151,9 +151,7 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group)
     resume = group.broadcast(resume)  # every process continues from rank 0's checkpoint
 
     steps_per_epoch, train_batches, val_batches = epoch_batches(data, params, device, group)
-    setup = engine.build_training(params.model, p, device, group, steps_per_epoch=steps_per_epoch,  # params.yaml's recipe
-                                  init_images=whitening_images(torch.from_numpy(data.train_x).to(device), data.mean,
-                                                               data.std) if params.model.name == "airnet" else None)
+    setup = build_setup(data, params, device, group, steps_per_epoch)  # the recipe of params.yaml
     state = engine.TrainState()
     if resume:
         state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader != "dataloader")
@@ -204,6 +202,15 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group)
     if main:
         write_outputs(paths, params, state, setup, data, hooks.record, run)
     return 0
+
+
+def build_setup(data: TrainingData, params: Params, device: torch.device, group: Group,
+                steps_per_epoch: int) -> engine.TrainingSetup:
+    """engine.build_training with what the recipe needs of the data: airnet's whitening images."""
+    init = (whitening_images(torch.from_numpy(data.train_x).to(device), data.mean, data.std)
+            if params.model.name == "airnet" else None)
+    return engine.build_training(params.model, params.train, device, group, steps_per_epoch=steps_per_epoch,
+                                 init_images=init)
 
 
 def prepare_steps(setup: engine.TrainingSetup, state: engine.TrainState, p: TrainParams,
