@@ -122,7 +122,7 @@ def timed_test_pass(ws: cp.Workspace, device: torch.device, test_x, test_y) -> d
     model = build_model(model_params).to(device)
     model.load_state_dict(weights["state_dict"])
     p = ws.params
-    tta = engine.test_views(model_params.tta, p.evaluate.tta_flip)
+    tta = engine.views_for(model_params.tta, p.evaluate.tta_flip)
     batches = DeviceBatches(test_x, test_y, p.evaluate.batch_size, weights["mean"], weights["std"], shuffle=False)
     amp = engine.amp_enabled(p.train.amp, device)
     engine.evaluate(model, batches.epoch(0), amp=amp, tta=tta)

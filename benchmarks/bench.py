@@ -192,7 +192,7 @@ def _our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, params: 
         result.extra["tracking_setup_seconds"] = time.perf_counter() - t_setup  # once per run, before epoch 1
 
     hooks = BenchHooks(name, result, setup, device, ckpt_path, tracker, val_b, test_b if test else None,
-                       engine.test_views(params.model.tta, params.evaluate.tta_flip), max_seconds)
+                       engine.views_for(params.model.tta, params.evaluate.tta_flip), max_seconds)
     # The train stage's loop (engine.fit): the benchmark times what the stage runs.
     engine.fit(setup, engine.TrainState(), p.epochs, train_b.epoch, lambda: val_b.epoch(0), len(train_b), hooks)
     if hooks.stopped:

@@ -72,7 +72,7 @@ def test_flip_translate_averages_six_views_with_the_mirrored_edge():
     assert torch.equal(padded[:, :, :32, :32][:, :, 1, 1], x[:, :, 0, 0])
     with pytest.raises(ValueError, match="tta must be one of"):
         engine.eval_logits(m, x, tta="crop")
-    assert engine.test_views("none", True) == "flip" and engine.test_views("flip_translate", False) == "flip_translate"
+    assert engine.views_for("none", True) == "flip" and engine.views_for("flip_translate", False) == "flip_translate"
 
 
 def test_the_model_from_its_weights_file_predicts_with_the_views_evaluate_uses():

@@ -129,7 +129,7 @@ def test_mlflow_run_refuses_a_parameter_its_recipe_would_override(tmp_path):
     assert "recipe 'gpu' sets what -P epochs=5 (the recipe sets train.epochs=30) would change" in proc.stderr
     assert "+ dvc" not in proc.stdout  # stopped before any DVC command
     proc = run([sys.executable, str(REPO / "stages" / "mlflow_run.py"), "--recipe", "fastest"], tmp_path, check=False)
-    assert proc.returncode == 2 and "valid: course, fast, gpu, sgd" in proc.stderr
+    assert proc.returncode == 2 and "valid: air, course, fast, gpu, sgd" in proc.stderr
 
 
 def test_bench_takes_a_recipe_as_the_base_of_its_configurations(tmp_path, tiny_archive):
@@ -137,7 +137,7 @@ def test_bench_takes_a_recipe_as_the_base_of_its_configurations(tmp_path, tiny_a
     bench = [sys.executable, str(BENCH), "--archive", str(archive), "--params", str(REPO / "params.yaml"),
              "--device", "cpu", "--skip", "course", "--skip", "fast", "--skip", "resnet", "--skip", "tracking"]
     proc = run([*bench, "--recipe", "fastest", "--out", str(tmp_path / "no.json")], tmp_path, check=False)
-    assert proc.returncode == 1 and "valid: course, fast, gpu, sgd" in proc.stderr
+    assert proc.returncode == 1 and "valid: air, course, fast, gpu, sgd" in proc.stderr
     assert not (tmp_path / "no.json").exists()
     out = tmp_path / "bench.json"
     run([*bench, "--recipe", "fast", "--set", "train.epochs=1", "--out", str(out)], tmp_path)

@@ -66,7 +66,7 @@ def main(paths: EvaluatePaths, params_path: Path) -> int:
     model = build_model(model_params).to(device)
     model.load_state_dict(weights["state_dict"])
     amp, batch_size = engine.amp_enabled(params.train.amp, device), params.evaluate.batch_size
-    tta = engine.test_views(model_params.tta, params.evaluate.tta_flip)  # the model's own views, as predict uses
+    tta = engine.views_for(model_params.tta, params.evaluate.tta_flip)  # the model's own views, as predict uses
 
     def batches(images: np.ndarray, labels: np.ndarray) -> DeviceBatches:
         return DeviceBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels), batch_size,

@@ -188,7 +188,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
 TTA_MODES = ("none", "flip", "flip_translate")
 
 
-def test_views(model_tta: str, tta_flip: bool) -> str:
+def views_for(model_tta: str, tta_flip: bool) -> str:
     """The views evaluation averages: the model's own (model.tta, in its weights file), else the
     mirror pair of evaluate.tta_flip (an evaluation setting for models without TTA), else none."""
     return model_tta if model_tta != "none" else "flip" if tta_flip else "none"
