@@ -30,7 +30,7 @@ from cifarpipe.config import Params, TrainParams, UserError, flatten, load_param
 from cifarpipe.data import archive, split
 from cifarpipe.data.batches import DeviceBatches, EpochBatches, channel_stats, dataloader_batches, whitening_images
 from cifarpipe.pipeline.phases import Phases, timed
-from cifarpipe.tracking import job, store
+from cifarpipe.tracking import checkpoints, job, store
 from cifarpipe.tracking.journal import Journal, journal_path
 from cifarpipe.training import checkpoint, distributed, engine
 from cifarpipe.training.distributed import Group
@@ -170,7 +170,8 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
         run = job.open_job_run(client, params, job.JobStart(
             job_dir.name, data.split_hash, engine.device_name(device), resumed=bool(resume),
             resume_run_id=resume["mlflow_run_id"] if resume else None, history=state.history,
-            n_train=len(data.train_y), n_val=len(data.val_y)), Journal(journal_path(paths.run_id)), paths.run_id,
+            n_train=len(data.train_y), n_val=len(data.val_y), job_dir=job_dir), Journal(journal_path(paths.run_id)),
+            paths.run_id,
             paths.tensorboard_dir)
         print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
               f"of {len(data.train_y)} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
@@ -295,7 +296,8 @@ def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, s
     phases.lap("outputs")
     # Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input
     # example, and with its output the model's signature.
-    model_uri = run.close(checkpoints=[record.last, record.best], history=state.history, history_file=paths.history,
+    model_uri = run.close(checkpoint_files=checkpoints.final_files(state.history, record.best, record.last),
+                          history=state.history, history_file=paths.history,
                           weights=paths.weights, example=data.val_x[:4].copy(),
                           registered_model=params.tracking.registered_model, metrics=phases.metrics())
     phases.lap("close run")
@@ -312,7 +314,7 @@ def training_summary(history: list[dict[str, float]]) -> dict[str, float]:
 
 class EpochRecord:
     """Rank 0's record of every epoch: checkpoints (best first, then last), the history file,
-    and the run's metrics and checkpoint artifacts."""
+    and the run's metrics and checkpoint models."""
 
     def __init__(self, run: job.JobRun, setup: engine.TrainingSetup, device: torch.device, params: Params,
                  job_dir: Path, history_path: Path) -> None:
@@ -330,7 +332,7 @@ class EpochRecord:
         self.save_checkpoint(state)
         faults.hit("after_checkpoint", state.epoch)
         atomic.write_text(self.history_path, pd.DataFrame(state.history).to_csv(index=False))
-        self.run.epoch_done(state.history, [self.last, self.best] if improved else [self.last])
+        self.run.epoch_done(state.history, self.last)
 
 
 class StageHooks(engine.LoopHooks):

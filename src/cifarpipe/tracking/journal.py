@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic
 from cifarpipe.config import UserError
-from cifarpipe.tracking import datasets, model, registry
+from cifarpipe.tracking import checkpoints, datasets, model, registry
 from cifarpipe.tracking.store import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL, is_not_found, is_refusal,
                                       short_error, uri_of)
 
@@ -48,7 +48,7 @@ def file_sha256(path: Path) -> str:
 class Journal:
     """The journal of deliveries the store has not taken yet: {"items": [...]}, rewritten atomically
     after every change, removed once empty. Each item names its run ("run_id") and its "kind":
-    metrics, artifact, model, status, abandon or evaluation (see deliver)."""
+    metrics, checkpoints, artifact, model, status, abandon or evaluation (see deliver)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -89,6 +89,12 @@ class Journal:
         self.add({"run_id": run_id, "kind": "model", "weights": str(weights), "sha256": file_sha256(weights),
                   "example": base64.b64encode(example.tobytes()).decode(), "shape": list(example.shape),
                   "dtype": "uint8"})
+
+    def add_checkpoint_files(self, run_id: str, files: dict[int, Path], keep: set[int]) -> None:
+        """The checkpoint files of epochs `files` for their checkpoint models (tracking.checkpoints),
+        each pinned by its hash; every other model of the run loses its file (`keep`: best and last)."""
+        self.add({"run_id": run_id, "kind": "checkpoints", "metrics": [], "epochs": [], "keep": sorted(keep),
+                  "files": [{"epoch": e, "path": str(p), "sha256": file_sha256(p)} for e, p in sorted(files.items())]})
 
     def add_evaluation(self, run_id: str, params: dict[str, Any], metrics: dict[str, float], artifacts: list[Path],
                        artifact_path: str = "evaluation", n_test: int = 0) -> None:
@@ -159,6 +165,14 @@ def _deliver_one(client: MlflowClient, item: dict[str, Any]) -> None:
         _check_unchanged(item, "weights")
         # the answer to an earlier upload may have been lost: log_model_once skips a model the run has
         model.log_model_once(client, run_id, Path(item["weights"]), _example(item))
+    elif kind == "checkpoints":
+        for f in item.get("files", []):
+            _check_unchanged(f)
+        checkpoints.log_epochs(
+            client, run_id, client.get_run(run_id).info.experiment_id, only_missing=True,
+            metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in item["metrics"]],
+            epochs=item["epochs"], files={f["epoch"]: Path(f["path"]) for f in item.get("files", [])},
+            keep=set(item["keep"]) if "keep" in item else None, datasets=item.get("datasets"))
     elif kind == "status":
         client.set_terminated(run_id, item["status"])
     elif kind == "abandon":
