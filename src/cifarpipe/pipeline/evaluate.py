@@ -55,7 +55,7 @@ def main(paths: EvaluatePaths, params_path: Path) -> int:
         client_ready = pool.submit(timed, store.store_client, phases.background, "store client")
         test_x, test_y, weights, result = evaluate_test_set(paths, params, device)
         phases.lap("load and evaluate")
-        write_reports(paths, weights, test_x, test_y, result, phases)
+        per_class = write_reports(paths, weights, test_x, test_y, result, phases)
         client = client_ready.result()
 
     # ---- MLflow: train's pending items first (same run, in order), then this evaluation
@@ -63,7 +63,7 @@ def main(paths: EvaluatePaths, params_path: Path) -> int:
     journal.add_evaluation(run_id, flatten(params), {"test_loss": result.loss, "test_accuracy": result.accuracy,
                                                      **phases.metrics()},
                            [paths.metrics, paths.per_class, paths.confusion_png, paths.mistakes_png],
-                           n_test=len(test_y))
+                           n_test=len(test_y), per_class=per_class)
     left = deliver(client, journal, log=lambda msg: None)
     phases.lap("deliver")
     print(phases.report(), flush=True)
@@ -98,8 +98,9 @@ def evaluate_test_set(paths: EvaluatePaths, params: Params, device: torch.device
 
 
 def write_reports(paths: EvaluatePaths, weights: dict, test_x: np.ndarray, test_y: np.ndarray,
-                  result: engine.EvalResult, phases: Phases) -> None:
-    """The metrics, tables and pictures, each written atomically, before any MLflow call."""
+                  result: engine.EvalResult, phases: Phases) -> list[dict]:
+    """The metrics, tables and pictures, each written atomically, before any MLflow call; returns
+    the per-class table's rows (for the model card)."""
     classes = weights["classes"]
     cm = report.confusion_matrix(test_y, result.predictions, len(classes))
     table = report.per_class_table(cm, classes)
@@ -119,3 +120,4 @@ def write_reports(paths: EvaluatePaths, weights: dict, test_x: np.ndarray, test_
     phases.lap("pictures")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"test accuracy {result.accuracy:.4f}, test loss {result.loss:.4f} -> {paths.metrics}")
+    return table.to_dict("records")

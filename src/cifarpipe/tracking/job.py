@@ -20,11 +20,12 @@ from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic
 from cifarpipe.config import Params, UserError, flatten
-from cifarpipe.tracking import checkpoints, datasets, model, provenance, record, registry, tensorboard
+from cifarpipe.tracking import card, checkpoints, datasets, model, provenance, record, tensorboard
 from cifarpipe.tracking.journal import Journal, abandon, deliver
 from cifarpipe.tracking.run import EPOCH_METRICS, RunLogger
 from cifarpipe.tracking.store import create_experiment, is_not_found, short_error, tracking_uri, uri_of
 from cifarpipe.tracking.system_metrics import SystemMetrics
+from cifarpipe.training import checkpoint
 
 
 @dataclass
@@ -72,8 +73,9 @@ class JobRun:
                   "last epochs' files are uploaded", file=sys.stderr)
         self.logger.finish(status)
 
-    def close(self, *, checkpoint_files: dict[int, Path], history: list[dict[str, float]], history_file: Path, weights: Path,
-              example: np.ndarray, registered_model: str, metrics: dict[str, float] | None = None) -> str:
+    def close(self, *, checkpoint_files: dict[int, Path], history: list[dict[str, float]], history_file: Path,
+              weights: Path, example: np.ndarray, registered_model: str,
+              metrics: dict[str, float] | None = None) -> str:
         """Deliver a finished training's record: queued metrics and checkpoint models, the files of
         `checkpoint_files` (epoch -> file: the best and the last epoch's) into their models (every other
         model's file removed), the history as an artifact, `metrics` (step 0: the stage's phase
@@ -111,8 +113,8 @@ class JobRun:
             uri = model.logged_model_uri(logger.client, self.run_id) or "not logged"
         except Exception:  # delivered a moment ago; only this look-up failed
             uri = f"runs:/{self.run_id}/model"
-        if registered_model and uri.startswith(("models:/", "runs:/")):
-            registry.register_model_version(logger.client, registered_model, self.run_id, uri)
+        if uri.startswith(("models:/", "runs:/")):  # the card from the record; the version, its alias
+            card.publish(logger.client, self.run_id, uri, registered_model, checkpoint.load(weights)["classes"])
         return uri
 
 

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic
 from cifarpipe.config import UserError
-from cifarpipe.tracking import checkpoints, datasets, model, registry
+from cifarpipe.tracking import card, checkpoints, datasets, model, registry
 from cifarpipe.tracking.store import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL, is_not_found, is_refusal,
                                       short_error, uri_of)
 
@@ -97,15 +97,18 @@ class Journal:
                   "files": [{"epoch": e, "path": str(p), "sha256": file_sha256(p)} for e, p in sorted(files.items())]})
 
     def add_evaluation(self, run_id: str, params: dict[str, Any], metrics: dict[str, float], artifacts: list[Path],
-                       artifact_path: str = "evaluation", n_test: int = 0) -> None:
+                       artifact_path: str = "evaluation", n_test: int = 0, per_class: list[dict] | None = None) -> None:
         """An evaluation of run `run_id`'s model; deliver() decides where it goes (see _deliver_evaluation).
-        It supersedes an undelivered older evaluation of the same run, whose files it has overwritten."""
+        `per_class`: rows of the per-class table (class, support, correct, accuracy, precision), for
+        the model card. It supersedes an undelivered older evaluation of the same run, whose files
+        it has overwritten."""
         old = [it for it in self.items if it["run_id"] == run_id and it["kind"] == "evaluation"]
         if old:
             print(f"note: an undelivered earlier evaluation of run {run_id} is replaced by this one", file=sys.stderr)
         self.items = [it for it in self.items if it not in old]
         self.add({"run_id": run_id, "kind": "evaluation", "params": {k: str(v) for k, v in params.items()},
                   "metrics": {k: float(v) for k, v in metrics.items()}, "artifact_path": artifact_path, "n_test": n_test,
+                  "per_class": per_class or [],
                   "artifacts": [{"path": str(a), "sha256": file_sha256(a)} for a in artifacts]})
 
     def remove(self, predicate) -> None:
@@ -250,8 +253,12 @@ def _deliver_evaluation(client: MlflowClient, item: dict[str, Any]) -> None:
         client.log_artifact(target, art["path"], item["artifact_path"])
     datasets.log_datasets(client, target, [datasets.dataset_input("test", params["data.url"], params["data.md5"], item.get("n_test", 0))])
     model_name = params.get("tracking.registered_model", "")
-    model_uri = model.logged_model_uri(client, train_id) if model_name and target == train_id else None
-    if model_uri:  # a version's test accuracy is its own training run's evaluation, never another's
-        registry.register_model_version(client, model_name, train_id, model_uri)  # once per run; here if train's was pending
-        registry.tag_model_versions(client, model_name, train_id, {"test_accuracy": round(item["metrics"]["test_accuracy"], 4)})
+    model_uri = model.logged_model_uri(client, train_id) if target == train_id else None
+    if model_uri:  # a version's card and test accuracy are its own training run's evaluation, never another's
+        per_class = item.get("per_class") or []
+        # registers the version once per run (here if train's registration was pending), the card with the test results
+        card.publish(client, train_id, model_uri, model_name, [r["class"] for r in per_class], evaluation=item)
+        if model_name:
+            registry.tag_model_versions(client, model_name, train_id,
+                                        {"test_accuracy": round(item["metrics"]["test_accuracy"], 4)})
     client.set_terminated(target, "FINISHED")

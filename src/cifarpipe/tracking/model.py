@@ -105,8 +105,8 @@ def log_model_once(client: MlflowClient, run_id: str, weights: Path, input_examp
 
 
 def load_model(uri: str):
-    """The MLflow model at `uri` (runs:/<id>/model, models:/<name>/<version>, a folder) as pyfunc,
-    predicting on the CPU. UserError, with the URI, for a missing store, run, model or version."""
+    """The MLflow model at `uri` (runs:/<id>/model, models:/<name>@<alias>, models:/<name>/<version>, a
+    folder) as pyfunc, predicting on the CPU. UserError, with the URI, for a missing store, run, model or version."""
     store = tracking_uri()
     if uri.startswith(("runs:/", "models:/")):
         require_store_file(store, "run this command in the repository root, or set MLFLOW_TRACKING_URI")
