@@ -156,5 +156,6 @@ def kept_checkpoints(client, run_id: str) -> list[int]:
 
 
 def pyfunc_models(client, experiment_id: str) -> list:
-    """The experiment's LoggedModels other than the epochs' checkpoints: the runs' MLflow models."""
-    return client.search_logged_models([experiment_id], filter_string="model_type != 'checkpoint'")
+    """The experiment's LoggedModels other than the epochs' checkpoints: the runs' MLflow models.
+    (Filtered here: a search's `model_type != 'checkpoint'` also drops models without a type.)"""
+    return [m for m in client.search_logged_models([experiment_id]) if m.model_type != "checkpoint"]

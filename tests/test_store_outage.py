@@ -226,8 +226,12 @@ def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project,
     assert len(errors) == 1 and "unreachable" in errors[0] and "pending in" in errors[0] and "dvc repro" in errors[0]
     items = json.loads(pending.read_text())["items"]
     kinds = [(it["kind"], Path(it.get("path") or it.get("weights") or ".").name) for it in items]
-    assert kinds == [("artifact", "last.pt"), ("artifact", "best.pt"), ("artifact", "history.csv"),
-                     ("metrics", ""), ("model", "model.pt"), ("status", ""), ("evaluation", "")], kinds
+    assert kinds == [("checkpoints", ""), ("artifact", "history.csv"), ("metrics", ""), ("model", "model.pt"),
+                     ("status", ""), ("evaluation", "")], kinds
+    # the epochs' metrics and checkpoint models landed while training; the files for the best and
+    # last epochs' models wait, pinned like any artifact
+    files = items[0]["files"]
+    assert not items[0]["metrics"] and "last.pt" in {Path(f["path"]).name for f in files} and items[0]["keep"]
     [r] = all_runs(client)
     run_id = r.info.run_id
     assert r.info.status == "RUNNING" and "test_accuracy" not in r.data.metrics

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable
@@ -37,7 +38,7 @@ from pathlib import Path
 from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.tracking import MlflowClient
 
-from cifarpipe.tracking.store import MAX_METRICS_PER_CALL
+from cifarpipe.tracking.store import MAX_METRICS_PER_CALL, short_error
 
 CHECKPOINT_TYPE = "checkpoint"  # the LoggedModels' model_type: `model_type = 'checkpoint'` in a search
 CHECKPOINT_FILE = "checkpoint.pt"  # the file's name in the model's artifacts
@@ -93,29 +94,22 @@ def find(client: MlflowClient, experiment_id: str, run_id: str) -> dict[int, Log
 
 
 def log_epochs(client: MlflowClient, run_id: str, experiment_id: str, *, metrics: Iterable[Metric] = (),
-               epochs: Iterable[int] = (), files: dict[int, Path] | None = None, keep: set[int] | None = None,
-               datasets: dict[str, list[str]] | None = None, only_missing: bool = False) -> None:
-    """Bring the run's checkpoint models up to date: a model for every epoch of `metrics`, `epochs`
-    and `files` (created if missing, READY at the end); `files[epoch]` uploaded into its model as
-    checkpoint.pt unless the model has it (or the epoch is not in `keep`); `metrics` logged with
-    their epoch's model id and dataset (`datasets`: context -> [name, digest]); with `keep`, the
-    file removed from every other model. `only_missing`: skip the metric values the run already
-    has (a journal delivery whose answer may have been lost). Raises on any store error."""
-    metrics, files = list(metrics), files or {}
+               epochs: Iterable[int] = (), datasets: dict[str, list[str]] | None = None,
+               only_missing: bool = False) -> dict[int, LoggedModel]:
+    """A checkpoint model for every epoch of `metrics` and `epochs` (created if missing, READY at
+    the end), and `metrics` logged with their epoch's model id and dataset (`datasets`: context ->
+    [name, digest]). `only_missing`: skip the metric values the run already has (a journal delivery
+    whose answer may have been lost). Returns the run's checkpoint models by epoch; raises on any
+    store error."""
+    metrics = list(metrics)
     models = find(client, experiment_id, run_id)
-    wanted = sorted({m.step for m in metrics} | set(epochs) | set(files))
+    wanted = sorted({m.step for m in metrics} | set(epochs))
     for epoch in wanted:
         if epoch not in models:
             models[epoch] = client.create_logged_model(
                 experiment_id, name=model_name(epoch), source_run_id=run_id, params={"epoch": str(epoch)},
                 model_type=CHECKPOINT_TYPE)
             client.log_outputs(run_id, [LoggedModelOutput(models[epoch].model_id, step=epoch)])
-    for epoch, path in sorted(files.items()):
-        model = models[epoch]
-        if model.tags.get(FILE_TAG) != KEPT and (keep is None or epoch in keep):
-            _upload(client, model.model_id, Path(path))
-            client.set_logged_model_tags(model.model_id, {FILE_TAG: KEPT})
-            model.tags[FILE_TAG] = KEPT
     linked = [_linked(m, models[m.step].model_id, datasets or {}) for m in metrics]
     if only_missing:
         have = {(m.key, m.step, m.value) for key in {m.key for m in linked}
@@ -126,6 +120,24 @@ def log_epochs(client: MlflowClient, run_id: str, experiment_id: str, *, metrics
     for epoch in wanted:
         if models[epoch].status != LoggedModelStatus.READY:
             client.finalize_logged_model(models[epoch].model_id, LoggedModelStatus.READY)
+    return models
+
+
+def keep_files(client: MlflowClient, run_id: str, experiment_id: str, files: dict[int, Path],
+               keep: set[int] | None, models: dict[int, LoggedModel] | None = None) -> None:
+    """`files[epoch]` uploaded into its epoch's model as checkpoint.pt unless the model has it (or
+    the epoch is not in `keep`); with `keep`, the file removed from every other model. An epoch
+    without a model gets one. Raises on any store error; what was done stays done."""
+    models = models if models is not None else find(client, experiment_id, run_id)
+    missing = sorted(e for e in files if e not in models)
+    if missing:
+        models.update(log_epochs(client, run_id, experiment_id, epochs=missing))
+    for epoch, path in sorted(files.items()):
+        model = models[epoch]
+        if model.tags.get(FILE_TAG) != KEPT and (keep is None or epoch in keep):
+            _upload(client, model.model_id, Path(path))
+            client.set_logged_model_tags(model.model_id, {FILE_TAG: KEPT})
+            model.tags[FILE_TAG] = KEPT
     if keep is not None:
         for epoch, model in models.items():
             if epoch not in keep and model.tags.get(FILE_TAG) == KEPT:
@@ -169,6 +181,7 @@ class CheckpointLog:
         self.files: dict[int, Path] = {}  # epoch -> its checkpoint's snapshot, not uploaded yet
         self.keep: set[int] = set()
         self._experiment_id: str | None = None
+        self._warned = False
         self._lock = threading.Lock()
         self.discard()  # snapshots a killed process left: the job's end uploads best.pt and last.pt instead
 
@@ -195,8 +208,9 @@ class CheckpointLog:
                 self.files.pop(e).unlink(missing_ok=True)
 
     def pending(self) -> bool:
+        """Epochs whose models are not known to be in the store (files are tried along, see deliver)."""
         with self._lock:
-            return bool(self.epochs or self.files)
+            return bool(self.epochs)
 
     def take_epochs(self) -> list[int]:
         """The epochs whose models are not known to be in the store, handed over (to the journal)."""
@@ -205,16 +219,28 @@ class CheckpointLog:
         return epochs
 
     def deliver(self, metrics: list[Metric]) -> None:
-        """Send `metrics` (epoch rows) with the pending epochs and files; raises on a store error,
-        keeping what was pending for the next call."""
+        """Send `metrics` (epoch rows) with the pending epochs' models; raises on a store error,
+        keeping them for the next call. Then the waiting files: a file the store does not take
+        waits for the next call (said once on stderr), and at the job's end best.pt and last.pt
+        stand in for whatever still waits."""
         with self._lock:
             epochs, files, keep = set(self.epochs), dict(self.files), set(self.keep)
         if self._experiment_id is None:
             self._experiment_id = self.client.get_run(self.run_id).info.experiment_id
-        log_epochs(self.client, self.run_id, self._experiment_id, metrics=metrics, epochs=epochs, files=files,
-                   keep=keep or None, datasets=self.datasets)
+        models = log_epochs(self.client, self.run_id, self._experiment_id, metrics=metrics, epochs=epochs,
+                            datasets=self.datasets)
         with self._lock:
             self.epochs -= epochs
+        try:
+            keep_files(self.client, self.run_id, self._experiment_id, files, keep or None, models)
+        except Exception as e:
+            if not self._warned:
+                print(f"warning: MLflow did not take a checkpoint file ({short_error(e)}); training goes on, the "
+                      "file is tried again with the next epoch, and the job's end uploads the best and last "
+                      "epochs' files", file=sys.stderr)
+                self._warned = True
+            return
+        with self._lock:
             for epoch, path in files.items():
                 if self.files.get(epoch) == path:
                     del self.files[epoch]

@@ -100,7 +100,7 @@ class JobRun:
             journal.add_artifact(self.run_id, self.tb_dir / tensorboard.TENSORBOARD_FILE, f"tensorboard/{self.tb_dir.name}")
         if metrics:
             journal.add_metrics(self.run_id, metrics)
-        journal.add_model(self.run_id, weights, example)
+        journal.add_model(self.run_id, weights, example, step=int(history[-1]["epoch"]))  # the last epoch's
         logger.finish("FINISHED")  # journals the status after the rest and delivers this run's items
         left = [it for it in journal.items if it["run_id"] == self.run_id]
         if left:

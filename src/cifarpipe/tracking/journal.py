@@ -83,12 +83,13 @@ class Journal:
         self.add({"run_id": run_id, "kind": "artifact", "path": str(path), "artifact_path": artifact_path,
                   "sha256": file_sha256(path)})
 
-    def add_model(self, run_id: str, weights: Path, input_example: np.ndarray) -> None:
-        """The MLflow model to log from `weights`, with `input_example`: uint8 images (N, 32, 32, 3)."""
+    def add_model(self, run_id: str, weights: Path, input_example: np.ndarray, step: int = 0) -> None:
+        """The MLflow model to log from `weights`, with `input_example`: uint8 images (N, 32, 32, 3);
+        `step`: the epoch whose weights these are."""
         example = np.ascontiguousarray(input_example, dtype=np.uint8)
         self.add({"run_id": run_id, "kind": "model", "weights": str(weights), "sha256": file_sha256(weights),
                   "example": base64.b64encode(example.tobytes()).decode(), "shape": list(example.shape),
-                  "dtype": "uint8"})
+                  "dtype": "uint8", "step": step})
 
     def add_checkpoint_files(self, run_id: str, files: dict[int, Path], keep: set[int]) -> None:
         """The checkpoint files of epochs `files` for their checkpoint models (tracking.checkpoints),
@@ -167,15 +168,17 @@ def _deliver_one(client: MlflowClient, item: dict[str, Any]) -> None:
     elif kind == "model":
         _check_unchanged(item, "weights")
         # the answer to an earlier upload may have been lost: log_model_once skips a model the run has
-        model.log_model_once(client, run_id, Path(item["weights"]), _example(item))
+        model.log_model_once(client, run_id, Path(item["weights"]), _example(item), item.get("step", 0))
     elif kind == "checkpoints":
         for f in item.get("files", []):
             _check_unchanged(f)
-        checkpoints.log_epochs(
-            client, run_id, client.get_run(run_id).info.experiment_id, only_missing=True,
-            metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in item["metrics"]],
-            epochs=item["epochs"], files={f["epoch"]: Path(f["path"]) for f in item.get("files", [])},
-            keep=set(item["keep"]) if "keep" in item else None, datasets=item.get("datasets"))
+        experiment_id = client.get_run(run_id).info.experiment_id
+        models = checkpoints.log_epochs(
+            client, run_id, experiment_id, only_missing=True, epochs=item["epochs"], datasets=item.get("datasets"),
+            metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in item["metrics"]])
+        if "keep" in item:
+            checkpoints.keep_files(client, run_id, experiment_id, {f["epoch"]: Path(f["path"]) for f in item["files"]},
+                                   set(item["keep"]), models)
     elif kind == "status":
         client.set_terminated(run_id, item["status"])
     elif kind == "abandon":

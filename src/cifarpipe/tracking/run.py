@@ -135,6 +135,8 @@ class RunLogger:
                 return False
             with self._lock:  # drop each chunk as soon as it landed: a later failure never resends it
                 del self._pending[:len(chunk)]
+            if not chunk:  # the checkpoint models' epochs alone: sent
+                return True
 
     def _wait_queue(self, timeout_s: float) -> bool:
         try:
