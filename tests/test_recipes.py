@@ -104,7 +104,7 @@ def test_one_flag_selects_a_recipe_in_dvc_exp_run_and_mlflow_logs_its_values(pro
     assert '"recipe": "fast"' in shown
 
 
-def test_mlflow_run_takes_the_recipe_as_a_parameter(project):
+def test_mlflow_run_takes_the_recipe_as_a_parameter_and_its_run_reproduces(project):
     run(["dvc", "repro", "split"], project)
     git_commit(project, "data")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
@@ -113,6 +113,11 @@ def test_mlflow_run_takes_the_recipe_as_a_parameter(project):
     (r,) = _runs(project)
     assert r.info.status == "FINISHED"
     assert (r.data.params["recipe"], r.data.params["train.batch_size"], r.data.params["train.epochs"]) == ("fast", "256", "1")
+    assert r.data.params["batch_size"] == "''"  # MLflow's own record of the entry point's -P values
+    # Those entry-point parameters are no part of the pipeline: `dvc repro` of the run's params
+    # gives the same run, which a reproduction must say.
+    proc = run([sys.executable, "-m", "cifarpipe.commands.reproduce", r.info.run_id], project, env=env, check=False)
+    assert proc.returncode == 0 and "reproduced exactly" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_mlflow_run_refuses_a_parameter_its_recipe_would_override(tmp_path):

@@ -187,7 +187,7 @@ def test_a_dvc_exp_run_is_reproduced_exactly(trained):
 
 # ------------------------------------------------------------ pure parts, no pipeline
 def _run(**kw) -> StoredRun:
-    base = dict(run_id="r1", experiment="e", status="FINISHED", params={"data.md5": "a" * 32, "x": "1"},
+    base = dict(run_id="r1", experiment="e", status="FINISHED", params={"data.md5": "a" * 32, "train.seed": "1"},
                 tags={"mlflow.source.git.commit": "c" * 40, "git_dirty": "true", "git_dirty_code": "false",
                       "data_md5": "a" * 32, "split_hash": "s"},
                 metrics={"test_accuracy": 0.5, "test_loss": 1.0},
@@ -201,17 +201,28 @@ def test_comparison_reports_every_differing_value_and_nothing_else():
     assert compare(a, _run(run_id="r2")) == []
     b = _run(histories={"val_accuracy": [(1, 0.1), (2, 0.2000001)], "lr": [(1, 1e-3)],
                         "epoch_seconds": [(1, 9.0)]}, metrics={"test_accuracy": 0.5, "test_loss": 1.1},
-             tags={**a.tags, "split_hash": "t"}, params={**a.params, "x": "2"})
+             tags={**a.tags, "split_hash": "t"}, params={**a.params, "train.seed": "2"})
     got = {(d.name, d.epoch): d for d in compare(a, b)}
     assert sorted(got) == sorted([("val_accuracy", 2), ("lr", 2), ("test_loss", None), ("tag split_hash", None),
-                                  ("param x", None)])
+                                  ("param train.seed", None)])
     assert got[("val_accuracy", 2)].recorded == "0.2" and got[("val_accuracy", 2)].reproduced == "0.2000001"
     assert got[("lr", 2)].reproduced == "-"
-    assert [d.name for d in compare(a, b, tolerance=1e-6, ignore_params=["x"])] == ["lr", "test_loss", "tag split_hash"]
+    assert [d.name for d in compare(a, b, tolerance=1e-6, ignore_params=["train.seed"])] == ["lr", "test_loss", "tag split_hash"]
     nan = _run(histories={"val_accuracy": [(1, math.nan)]})
     assert compare(nan, nan) == [] and compare(nan, _run(histories={"val_accuracy": [(1, 0.1)]}))
     table = format_differences(compare(a, b))
     assert table.splitlines()[0].split() == ["metric", "epoch", "recorded", "reproduced", "difference"]
+
+
+def test_params_that_are_not_the_pipelines_are_not_compared():
+    """`mlflow run .` logs its entry point's parameters (epochs, batch_size '' ...) beside the
+    pipeline's; an MLflow model logs its model_config (device). A reproduction by `dvc repro` has
+    neither: that is no difference in what was trained."""
+    entry_point = {"recipe": "fast", "epochs": "2", "batch_size": "", "lr": "", "model": "", "optimizer": "",
+                   "seed": "", "device": "cpu"}
+    a = _run(params={**_run().params, **entry_point})
+    assert compare(a, _run(params={**_run().params, "recipe": "fast"})) == []
+    assert [d.name for d in compare(a, _run())] == ["param recipe"]  # `recipe` is the pipeline's own key
 
 
 def test_only_uncommitted_code_and_unknown_records_are_refused_before_git_is_asked():

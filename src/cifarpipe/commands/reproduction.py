@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cifarpipe.config import BASE_RECIPE, UserError, flatten_mapping, read_yaml_text, unflatten
+from pydantic import BaseModel
+
+from cifarpipe.config import BASE_RECIPE, Params, UserError, flatten_mapping, read_yaml_text, unflatten
 
 if TYPE_CHECKING:
     from cifarpipe.tracking.runs import StoredRun
@@ -155,7 +157,8 @@ def _num(v: float) -> str:
 def compare(recorded: StoredRun, reproduced: StoredRun, tolerance: float = 0.0,
             ignore_params: Sequence[str] = ()) -> list[Difference]:
     """Every difference between a run and its reproduction: per-epoch curve values, test metrics,
-    the data tags and the commit, and params (except `ignore_params`, set on purpose). Values are
+    the data tags and the commit, and the pipeline's params (except `ignore_params`, set on purpose;
+    see pipeline_params). Values are
     equal when exactly equal (tolerance 0) or within `tolerance` (absolute); NaN equals NaN."""
     out: list[Difference] = []
     for name in CURVES:
@@ -177,11 +180,23 @@ def compare(recorded: StoredRun, reproduced: StoredRun, tolerance: float = 0.0,
             (f"tag {k}", recorded.tags.get(k), reproduced.tags.get(k)) for k in CHECKED_TAGS]:
         if a != b:
             out.append(Difference(name, None, a or "-", b or "-", "differs"))
-    for key in sorted(set(recorded.params) | set(reproduced.params)):
-        a, b = recorded.params.get(key), reproduced.params.get(key)
+    rec_params, rep_params = pipeline_params(recorded.params), pipeline_params(reproduced.params)
+    for key in sorted(set(rec_params) | set(rep_params)):
+        a, b = rec_params.get(key), rep_params.get(key)
         if key not in ignore_params and a != b:
             out.append(Difference(f"param {key}", None, a or "-", b or "-", "differs"))
     return out
+
+
+def pipeline_params(params: dict[str, str]) -> dict[str, str]:
+    """The params of the pipeline (params.yaml's keys: `recipe` and the dotted keys of its
+    sections), without what else a run's params hold: `mlflow run .` logs its entry point's own
+    parameters (epochs, batch_size, lr, ... as passed with -P, '' when not), and an MLflow model
+    logs its model_config (device). Those describe how the run was started, not what it trained."""
+    sections = {name for name, field in Params.model_fields.items()
+                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)}
+    scalars = set(Params.model_fields) - sections  # `recipe`
+    return {k: v for k, v in params.items() if k in scalars or ("." in k and k.split(".")[0] in sections)}
 
 
 def by_step(history: list[tuple[int, float]]) -> dict[int, list[float]]:
