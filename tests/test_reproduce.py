@@ -230,7 +230,11 @@ def test_only_uncommitted_code_and_unknown_records_are_refused_before_git_is_ask
     exp = _run(tags={**_run().tags, "dvc_baseline_rev": "d" * 40})
     assert check_reproducible(exp, lambda c: c == "d" * 40) == "d" * 40
     for tags, reason in [({"git_dirty_code": "true", "git_dirty_files": "src/x.py"}, "uncommitted code changes (src/x.py)"),
-                         ({"mlflow.source.git.commit": "unknown"}, "records no git commit")]:
+                         ({"mlflow.source.git.commit": "unknown"}, "records no git commit"),
+                         # a nested "-eval-" run has no commit tags of its own: that is not why it is refused
+                         ({"mlflow.source.git.commit": "", "evaluation_of": "t1"},
+                          "is an evaluation of run t1's model with other evaluate params, not a training: "
+                          "reproduce the training run (cifarpipe-reproduce t1)")]:
         with pytest.raises(UserError, match=re.escape(reason)):
             check_reproducible(_run(tags={**_run().tags, **tags}), lambda c: True)
 

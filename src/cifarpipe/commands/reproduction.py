@@ -48,6 +48,10 @@ def check_reproducible(run: StoredRun, commit_exists: Callable[[str], bool]) -> 
     what no rerun can fix (no commit, uncommitted code, a commit this repository lacks), then an
     unfinished run, then the data."""
     rid = run.run_id
+    trained_by = run.tags.get("evaluation_of")  # a nested "-eval-" run (tracking.journal): it trained nothing
+    if trained_by:
+        raise UserError(f"run {rid} is an evaluation of run {trained_by}'s model with other evaluate params, not a "
+                        f"training: reproduce the training run (cifarpipe-reproduce {trained_by})")
     commit = recorded_commit(run)
     if commit is None:
         raise UserError(f"run {rid} records no git commit (trained outside a git checkout): its code can't be recreated")
