@@ -85,20 +85,23 @@ def test_the_mlflow_model_takes_uint8_images_and_gives_the_networks_classes_and_
     classifier = model.unwrap_python_model().classifier
     assert torch.allclose(classifier.logits(images), logits, rtol=0, atol=1e-5)
 
-    # What MLflow shows a user: a uint8 image tensor in, named columns out; real images as example.
+    # What MLflow shows a user: named columns out; real images as example; the input described in
+    # the metadata, with no input schema (MLflow would cast JSON floats to it: see pyfunc.signature).
     signature = model.metadata.signature
-    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, 32, 32, 3)}}]
+    assert signature.inputs is None and "uint8 images (N, 32, 32, 3)" in model.metadata.metadata["input"]
     assert signature.outputs.input_names() == list(out.columns)
     example = model.metadata.load_input_example(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model"))
     split = json.loads((project / "data/split.json").read_text())
     with np.load(project / "data/cifar10.npz") as z:
         first_val = z["train_images"][np.asarray(split["val"][:4])]
-    assert example.dtype == np.uint8 and (example == first_val).all()
+    # JSON integers, read back as int64 without an input schema: what a served request holds too
+    assert np.issubdtype(example.dtype, np.integer) and (example == first_val).all()
+    assert (model.predict(example)["class"] == model.predict(first_val)["class"]).all()
     # Not a pickled object: MLflow's code-model loader and the weights file as an artifact.
     conf = model.metadata.flavors["python_function"]
     assert conf["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in conf
     with pytest.raises(Exception, match="uint8|dtype"):
-        model.predict(images.astype(np.float32) / 255)  # floats: the signature refuses them
+        model.predict(images.astype(np.float32) / 255)  # floats: the model refuses them
 
 
 def test_mlflow_models_predict_on_uint8_images_gives_evaluates_classes(trained, tmp_path):
@@ -109,6 +112,19 @@ def test_mlflow_models_predict_on_uint8_images_gives_evaluates_classes(trained, 
          "-o", str(tmp_path / "out.json"), "--env-manager", "local"], tmp_path, env=env)
     predictions = json.loads((tmp_path / "out.json").read_text())["predictions"]
     assert [p["class"] for p in predictions] == evaluated[:10].tolist()
+
+
+def test_mlflow_models_predict_refuses_float_pixels_instead_of_classifying_black_images(trained, tmp_path):
+    """0..1 floats in JSON: MLflow once cast them to the signature's uint8 (all 0) before the model
+    saw them, and answered with exit 0 what an all-black image is."""
+    project, run_id, images, labels, evaluated = trained
+    (tmp_path / "in.json").write_text(json.dumps({"inputs": (images[:3] / 255).tolist()}))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    proc = run(["mlflow", "models", "predict", "-m", f"runs:/{run_id}/model", "-i", str(tmp_path / "in.json"), "-t",
+                "json", "-o", str(tmp_path / "out.json"), "--env-manager", "local"], tmp_path, env=env, check=False)
+    assert proc.returncode != 0
+    assert "got dtype float64: floats are refused" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out.json").exists()
 
 
 def _free_port() -> int:
@@ -141,6 +157,13 @@ def test_mlflow_models_serve_answers_on_loopback_with_evaluates_classes(trained,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
             predictions = json.loads(response.read())["predictions"]
+        floats = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                        data=json.dumps({"inputs": (images[:2] / 255).tolist()}).encode(),
+                                        headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(floats, timeout=120)
+        assert refused.value.code == 400
+        assert "floats are refused" in json.loads(refused.value.read())["message"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: the group this test started
         server.wait(60)

@@ -32,7 +32,8 @@ def check_images(images: Any) -> np.ndarray:
     """`images` as a uint8 array (N, 32, 32, 3): the CIFAR layout (height, width, RGB), 0..255.
 
     A single (32, 32, 3) image becomes N = 1. Integers in 0..255 of another dtype (JSON gives
-    int64) are accepted; floats are not, since their scale (0..1 or 0..255) would be a guess."""
+    int64) are accepted; floats are not, since their scale (0..1 or 0..255) would be a guess: 0..1
+    floats read as 0..255 are a black image, classified without a word."""
     arr = np.asarray(images)
     if arr.ndim == 3:
         arr = arr[None]
@@ -42,7 +43,9 @@ def check_images(images: Any) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"expected uint8 pixel values 0..255, got dtype {arr.dtype}")
+        raise ValueError(f"expected integer pixel values 0..255 (uint8), got dtype {arr.dtype}: floats are refused, "
+                         "since their scale (0..1 or 0..255) would be a guess; send integers, e.g. "
+                         "(x * 255).round().astype('uint8') for 0..1 floats")
     if arr.size and (arr.min() < 0 or arr.max() > 255):
         raise ValueError(f"pixel values must be 0..255, got {arr.min()}..{arr.max()}")
     return arr.astype(np.uint8)
