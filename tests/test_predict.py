@@ -232,6 +232,24 @@ def test_predict_classifies_files_reports_bad_ones_and_writes_csv(trained, tmp_p
     assert np.abs(row[[f"prob_{c}" for c in classes]].to_numpy(float) - torch.softmax(logits, 1).numpy()[0]).max() < 1e-5
 
 
+def test_a_16_bit_greyscale_png_is_classified_as_its_8_bit_picture_not_as_white(trained, tmp_path):
+    """Pillow opens a 16-bit greyscale PNG as I;16 and its convert("RGB") clips every value above
+    255 of 65535: the picture became solid white and was classified, exit 0."""
+    project, run_id, images, labels, evaluated = trained
+    grey = images[0].mean(2).round().astype(np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 0..255 -> 0..65535
+    Image.fromarray(grey).save(tmp_path / "grey8.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "white.png")
+    with Image.open(tmp_path / "grey16.png") as im:
+        assert im.mode.startswith("I;16")  # the case at hand, as Pillow opens it
+    proc = run([sys.executable, "-m", "cifarpipe.commands.predict", "grey16.png", "grey8.png", "white.png",
+                "--model", str(project / "outputs/model.pt"), "--csv", "out.csv"], tmp_path)
+    rows = pd.read_csv(tmp_path / "out.csv").set_index("file")
+    probs = rows[[c for c in rows.columns if c.startswith("prob_")]]
+    assert np.abs(probs.loc["grey16.png"].to_numpy(float) - probs.loc["grey8.png"].to_numpy(float)).max() < 1e-6
+    assert np.abs(probs.loc["grey16.png"].to_numpy(float) - probs.loc["white.png"].to_numpy(float)).max() > 1e-3
+
+
 def test_predict_with_a_run_id_or_a_registered_model_gives_the_weights_files_classes(trained, store, tmp_path, capsys):
     project, run_id, images, labels, evaluated = trained
     folder = tmp_path / "pngs"
