@@ -127,7 +127,7 @@ class AugmentParams(_Strict):
 class TrainParams(_Strict):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, le=2**64 - 1)  # torch.manual_seed takes at most 64 bits
     device: Literal["auto", "cuda", "mps", "cpu"]
     # Processes per node (torchrun's --nproc_per_node): one per GPU, or several CPU processes with gloo.
     # batch_size stays the batch of all processes together. le=64: no node has more GPUs.
