@@ -250,6 +250,27 @@ def test_a_16_bit_greyscale_png_is_classified_as_its_8_bit_picture_not_as_white(
     assert np.abs(probs.loc["grey16.png"].to_numpy(float) - probs.loc["white.png"].to_numpy(float)).max() > 1e-3
 
 
+def test_a_folders_other_images_are_reported_and_its_other_files_listed(trained, tmp_path):
+    """A folder holding one PNG once classified it alone, exit 0: its .webp and .gif pictures were
+    skipped without a word."""
+    project, run_id, images, labels, evaluated = trained
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(images[0]).save(folder / "a.png")
+    Image.fromarray(images[1]).save(folder / "b.webp")
+    Image.fromarray(images[2]).save(folder / "c.gif")
+    (folder / "notes.txt").write_text("not an image")
+    proc = run([sys.executable, "-m", "cifarpipe.commands.predict", "photos", "--model",
+                str(project / "outputs/model.pt"), "--csv", "out.csv"], tmp_path, check=False)
+    assert proc.returncode == predict.SOME_FAILED_EXIT, proc.stdout + proc.stderr
+    assert "1 image(s) classified" in proc.stdout
+    for name in ("b.webp", "c.gif"):
+        suffix = name.split(".")[1]
+        assert f"error: photos/{name}: a .{suffix} image: only PNG and JPEG files are classified" in proc.stderr
+    assert "note: 1 file(s) in the folder(s) are not images and were skipped: photos/notes.txt" in proc.stderr
+    assert sorted(pd.read_csv(tmp_path / "out.csv")["file"]) == ["photos/a.png", "photos/b.webp", "photos/c.gif"]
+
+
 def test_predict_with_a_run_id_or_a_registered_model_gives_the_weights_files_classes(trained, store, tmp_path, capsys):
     project, run_id, images, labels, evaluated = trained
     folder = tmp_path / "pngs"

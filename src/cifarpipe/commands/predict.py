@@ -22,6 +22,10 @@ import pandas as pd
 from cifarpipe.serving import inference
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder argument expands to (any case)
+# Pictures of other formats that a folder may hold: reported as not classified (exit 1), never
+# skipped in silence. A folder's other files (notes, .DS_Store) are listed as skipped.
+OTHER_IMAGE_SUFFIXES = (".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jfif", ".jpe",
+                        ".apng", ".ico", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".qoi", ".psd")
 SOME_FAILED_EXIT = 1  # some files could not be classified (the rest were)
 
 
@@ -31,18 +35,26 @@ class Failure:
     reason: str
 
 
-def expand(paths: Sequence[Path]) -> tuple[list[Path], list[Failure]]:
-    """Files as given; a folder becomes its PNG and JPEG files (sorted, not recursive)."""
-    files, failures = [], []
+def expand(paths: Sequence[Path]) -> tuple[list[Path], list[Failure], list[Path]]:
+    """Files as given; a folder becomes its PNG and JPEG files (sorted, not recursive). Returns the
+    files, the failures (a folder's images of other formats, e.g. .webp or .gif: the user expects
+    them classified, so each one is reported) and the folders' other files, skipped (to be listed)."""
+    files, failures, skipped = [], [], []
     for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            files += found
-            if not found:
-                failures.append(Failure(str(path), f"a folder with no {'/'.join(IMAGE_SUFFIXES)} files"))
-        else:
+        if not path.is_dir():
             files.append(path)
-    return files, failures
+            continue
+        entries = sorted(p for p in path.iterdir() if p.is_file())
+        found = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+        files += found
+        for p in entries:
+            if p.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+                failures.append(Failure(str(p), f"a {p.suffix} image: only PNG and JPEG files are classified"))
+            elif p not in found:
+                skipped.append(p)
+        if not found:
+            failures.append(Failure(str(path), f"a folder with no {'/'.join(IMAGE_SUFFIXES)} files"))
+    return files, failures, skipped
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -138,10 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     predict, described = load_predictor(args.model, args.run)
-    files, failures = expand(args.files)
+    files, failures, skipped = expand(args.files)
     table, failed = classify(files, predict)
     failures += failed
     print(f"{len(table)} image(s) classified with the {described}")
+    if skipped:
+        print(f"note: {len(skipped)} file(s) in the folder(s) are not images and were skipped: "
+              + ", ".join(str(p) for p in skipped), file=sys.stderr)
     if len(table):
         shown = table[["file", "class", "probability"]].copy()
         shown["probability"] = [f"{p:.4f}" for p in shown["probability"]]
