@@ -16,6 +16,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -269,6 +270,25 @@ def test_a_folders_other_images_are_reported_and_its_other_files_listed(trained,
         assert f"error: photos/{name}: a .{suffix} image: only PNG and JPEG files are classified" in proc.stderr
     assert "note: 1 file(s) in the folder(s) are not images and were skipped: photos/notes.txt" in proc.stderr
     assert sorted(pd.read_csv(tmp_path / "out.csv")["file"]) == ["photos/a.png", "photos/b.webp", "photos/c.gif"]
+
+
+def test_a_huge_jpeg_is_decoded_at_reduced_scale_without_pillows_raw_warning(tmp_path, monkeypatch, capsys):
+    """A 10000 x 10000 JPEG took 8.6 s and 1.8 GB and printed Pillow's DecompressionBombWarning; the
+    same, scaled down: Pillow's limit lowered below a 1200 x 1200 JPEG."""
+    y, x = np.mgrid[0:1200, 0:1200]
+    picture = np.stack([x * 255 // 1199, y * 255 // 1199, (x + y) * 255 // 2398], 2).astype(np.uint8)
+    Image.fromarray(picture).save(tmp_path / "big.jpg", quality=95)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # 1.44 Mpx: over it, under twice it
+    decoded_sizes = []
+    prepare = inference.prepare_image
+    monkeypatch.setattr(inference, "prepare_image", lambda im: decoded_sizes.append(im.size) or prepare(im))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        got = predict.read_image(tmp_path / "big.jpg")
+    assert decoded_sizes == [(300, 300)]  # DCT scaling 1/4: the smallest scale still >= 256 pixels a side
+    full = inference.prepare_image(Image.fromarray(picture))
+    assert np.abs(got.astype(int) - full.astype(int)).max() <= 6  # the same picture at 32 x 32
+    assert capsys.readouterr().err == ""
 
 
 def test_predict_with_a_run_id_or_a_registered_model_gives_the_weights_files_classes(trained, store, tmp_path, capsys):

@@ -57,13 +57,30 @@ def expand(paths: Sequence[Path]) -> tuple[list[Path], list[Failure], list[Path]
     return files, failures, skipped
 
 
+# JPEGs are decoded at a reduced scale (JPEG's own DCT scaling, 1/2 to 1/8) down to no less than
+# this many pixels on each side: 8x the 32x32 output, so the antialiased resize still averages many
+# pixels into each output pixel. A 10000 x 10000 JPEG then decodes as 1250 x 1250 (4.7 MB of RGB
+# instead of 300 MB) and trips no decompression-bomb warning.
+JPEG_DRAFT_SIDE = 256
+
+
 def read_image(path: Path) -> np.ndarray:
     """A PNG or JPEG file -> uint8 (32, 32, 3) by inference.prepare_image's rule. Raises ValueError
     with a reason a user can act on."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path, formats=["PNG", "JPEG"]) as image:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            image = Image.open(path, formats=["PNG", "JPEG"])
+        with image:
+            if image.format == "JPEG":
+                image.draft(image.mode, (JPEG_DRAFT_SIDE, JPEG_DRAFT_SIDE))
+            elif caught:  # a PNG over Pillow's limit (twice the limit is refused as a bomb, below)
+                print(f"note: {path}: {image.width} x {image.height} pixels, over Pillow's decompression-bomb "
+                      f"limit of {Image.MAX_IMAGE_PIXELS}; decoded in full", file=sys.stderr)
             image.load()  # decode now: a truncated or corrupt file fails here, not later
             return inference.prepare_image(image)
     except FileNotFoundError:
