@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from cifarpipe import atomic, faults, report
-from cifarpipe.config import ModelParams, UserError, flatten, load_params
+from cifarpipe.config import ModelParams, Params, UserError, flatten, load_params
 from cifarpipe.data import archive
 from cifarpipe.data.batches import DeviceBatches
 from cifarpipe.tracking import store
-from cifarpipe.tracking.journal import Journal, deliver, journal_path
+from cifarpipe.tracking.journal import Journal, deliver, is_deleted, journal_path
 from cifarpipe.training import checkpoint, engine
 from cifarpipe.training.models import build_model
 
@@ -97,15 +97,44 @@ def main(paths: EvaluatePaths, params_path: Path) -> int:
     print(f"test accuracy {result.accuracy:.4f}, test loss {result.loss:.4f} -> {paths.metrics}")
 
     # ---- MLflow: train's pending items first (same run, in order), then this evaluation
+    return log_evaluation(paths, params, result, len(test_y), journal)
+
+
+def log_evaluation(paths: EvaluatePaths, params: Params, result: engine.EvalResult, n_test: int,
+                   journal: Journal) -> int:
+    """Deliver the evaluation into the training's MLflow run (or its nested evaluation run); the
+    stage's exit status. Says "logged" only for what the store took: a store file that is gone, a
+    deleted run or a dropped evaluation stops the stage (DVC then records nothing) naming where the
+    results are, and an unreachable store leaves it pending (STORE_PENDING_EXIT)."""
     run_id = paths.run_id.read_text().strip()
+    outputs = [paths.metrics, paths.per_class, paths.confusion_png, paths.mistakes_png]
     journal.add_evaluation(run_id, flatten(params), {"test_loss": result.loss, "test_accuracy": result.accuracy},
-                           [paths.metrics, paths.per_class, paths.confusion_png, paths.mistakes_png],
-                           n_test=len(test_y))
-    left = deliver(store.store_client(), journal, log=lambda msg: None)
+                           outputs, n_test=n_test)
+    item = journal.items[-1]
+    where = f"its results are in {', '.join(str(p) for p in outputs)}, and it waits in {journal.path}"
+    uri = store.tracking_uri()
+    # MLflow would create an empty store here and then drop the evaluation for want of its run.
+    store.require_store_file(uri, f"training run {run_id} ({paths.run_id}) was logged to a store there, which was "
+                                  f"moved or deleted. Nothing was logged: {where}. Put the store back and run `dvc repro`")
+    client = store.store_client()
+    if is_deleted(client, run_id):
+        raise UserError(f"MLflow run {run_id} ({paths.run_id}) is deleted in {uri}, so its evaluation was not logged: "
+                        f"{where}. Restore it (`mlflow runs restore --run-id {run_id}`) and run `dvc repro`, or "
+                        "train again (`dvc repro --force train`)")
+    left = deliver(client, journal, log=lambda msg: None)
+    why = next((why for it, why in journal.dropped if it is item), None)
+    if why is not None:
+        raise UserError(f"MLflow did not take the evaluation of run {run_id} ({why}): nothing of it was logged; "
+                        f"its results are in {', '.join(str(p) for p in outputs)}")
     if left:
         error = next(iter(journal.errors.values()), "")
-        print(f"error: MLflow store {store.tracking_uri()} unreachable ({error}): outputs written, {left} item(s) "
+        print(f"error: MLflow store {uri} unreachable ({error}): outputs written, {left} item(s) "
               f"pending in {journal.path}; run `dvc repro` when it answers", file=sys.stderr)
         return STORE_PENDING_EXIT
-    print(f"logged to MLflow ({store.tracking_uri()}), training run {run_id}")
+    target = item.get("delivered_to", run_id)
+    versions = item.get("versions") or []
+    print(f"logged to MLflow ({uri}): " + (f"training run {run_id}" if target == run_id else
+                                          f"run {target}, nested under training run {run_id} (other evaluate params)")
+          + (f"; test_accuracy tagged on version {', '.join(map(str, versions))} of "
+             f"{params.tracking.registered_model!r}" if versions else ""))
     return 0

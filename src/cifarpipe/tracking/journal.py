@@ -53,6 +53,8 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.errors: dict[str, str] = {}  # run id -> the error that stopped its last delivery
+        # What the last delivery dropped for good: (item, why). A caller must not report those as logged.
+        self.dropped: list[tuple[dict[str, Any], str]] = []
         try:
             self.items: list[dict[str, Any]] = json.loads(self.path.read_text())["items"]
         except FileNotFoundError:
@@ -114,7 +116,7 @@ def deliver(client: MlflowClient, journal: Journal, runs: set[str] | None = None
     "no such run" drops the run's items; a refusal (4xx) or a file changed since drops the item;
     anything else (an outage) keeps it for the next delivery. Every step is idempotent.
     """
-    journal.errors = {}
+    journal.errors, journal.dropped = {}, []
     store, dropped = uri_of(client), set()
     for item in list(journal.items):
         run_id = item["run_id"]
@@ -125,10 +127,13 @@ def deliver(client: MlflowClient, journal: Journal, runs: set[str] | None = None
         except Exception as e:
             if is_not_found(e):
                 dropped.add(run_id)
+                gone = [it for it in journal.items if it["run_id"] == run_id]
+                journal.dropped += [(it, f"run {run_id} is not in {store}") for it in gone]
                 print(f"warning: MLflow run {run_id} is not in {store} any more; dropping what was pending "
-                      f"for it ({item['kind']} ...)", file=sys.stderr)
+                      f"for it ({', '.join(it['kind'] for it in gone)})", file=sys.stderr)
                 journal.remove(lambda it: it["run_id"] == run_id)
             elif isinstance(e, Undeliverable) or is_refusal(e):
+                journal.dropped.append((item, short_error(e)))
                 print(f"warning: not delivered to MLflow run {run_id}, dropped: {item['kind']} "
                       f"{item.get('path') or item.get('weights') or ''} ({short_error(e)})", file=sys.stderr)
                 journal.remove(lambda it: it is item)
@@ -167,6 +172,15 @@ def _deliver_one(client: MlflowClient, item: dict[str, Any]) -> None:
 def _example(item: dict[str, Any]) -> np.ndarray:
     """The model item's input example: uint8 images (N, 32, 32, 3), stored as base64 bytes."""
     return np.frombuffer(base64.b64decode(item["example"]), dtype=np.uint8).reshape(item["shape"]).copy()
+
+
+def is_deleted(client: MlflowClient, run_id: str) -> bool:
+    """Whether the store holds `run_id` as deleted (in the UI's bin; `mlflow runs restore` brings it
+    back). False when it is active, missing or the store does not answer: delivery tells those apart."""
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "deleted"
+    except Exception:
+        return False
 
 
 def abandon(client: MlflowClient, run_id: str, why: str) -> None:
@@ -233,6 +247,9 @@ def _deliver_evaluation(client: MlflowClient, item: dict[str, Any]) -> None:
     model_name = params.get("tracking.registered_model", "")
     model_uri = model.logged_model_uri(client, train_id) if model_name and target == train_id else None
     if model_uri:  # a version's test accuracy is its own training run's evaluation, never another's
-        registry.register_model_version(client, model_name, train_id, model_uri)  # once per run; here if train's was pending
-        registry.tag_model_versions(client, model_name, train_id, {"test_accuracy": round(item["metrics"]["test_accuracy"], 4)})
+        # strict: a failure keeps the item pending (or, refused, reports it dropped), never "logged"
+        registry.register_model_version(client, model_name, train_id, model_uri, strict=True)  # once per run
+        item["versions"] = registry.tag_model_versions(
+            client, model_name, train_id, {"test_accuracy": round(item["metrics"]["test_accuracy"], 4)}, strict=True)
     client.set_terminated(target, "FINISHED")
+    item["delivered_to"] = target  # what the evaluate stage reports

@@ -16,9 +16,11 @@ def run_versions(client: MlflowClient, name: str, run_id: str) -> list:
     return [mv for mv in client.search_model_versions(f"run_id = '{run_id}'") if mv.name == name]
 
 
-def register_model_version(client: MlflowClient, name: str, run_id: str, model_uri: str) -> str | None:
+def register_model_version(client: MlflowClient, name: str, run_id: str, model_uri: str, strict: bool = False
+                           ) -> str | None:
     """Register the run's logged model as a version of `name` (created if new); once per run: a
-    second call returns the run's existing version. Returns the version, None if it failed."""
+    second call returns the run's existing version. Returns the version, None if it failed (with a
+    warning; `strict`: the error is raised instead)."""
     try:
         for mv in run_versions(client, name, run_id):
             return mv.version
@@ -37,13 +39,17 @@ def register_model_version(client: MlflowClient, name: str, run_id: str, model_u
                 linked + [{"name": mv.name, "version": mv.version}])})
         return mv.version
     except Exception as e:
+        if strict:
+            raise
         print(f"warning: could not register the model as a version of {name!r} ({type(e).__name__}: {e})",
               file=sys.stderr)
         return None
 
 
-def tag_model_versions(client: MlflowClient, name: str, run_id: str, tags: dict[str, Any]) -> list[str]:
-    """Tag the versions of `name` registered from `run_id` (evaluate's test accuracy); the versions tagged."""
+def tag_model_versions(client: MlflowClient, name: str, run_id: str, tags: dict[str, Any], strict: bool = False
+                       ) -> list[str]:
+    """Tag the versions of `name` registered from `run_id` (evaluate's test accuracy); the versions
+    tagged (with a warning if it failed; `strict`: the error is raised instead)."""
     try:
         versions = [mv.version for mv in run_versions(client, name, run_id)]
         for version in versions:
@@ -51,6 +57,8 @@ def tag_model_versions(client: MlflowClient, name: str, run_id: str, tags: dict[
                 client.set_model_version_tag(name, version, key, str(value))
         return versions
     except Exception as e:
+        if strict:
+            raise
         print(f"warning: could not tag the registered model {name!r} ({type(e).__name__}: {e})", file=sys.stderr)
         return []
 
