@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 import sys
 
@@ -102,6 +103,28 @@ def test_one_flag_selects_a_recipe_in_dvc_exp_run_and_mlflow_logs_its_values(pro
     assert fast.data.tags["fingerprint"] != course.data.tags["fingerprint"]
     shown = run(["dvc", "exp", "show", "--json"], project).stdout
     assert '"recipe": "fast"' in shown
+
+
+def test_dvc_shows_the_values_in_force_of_every_experiment(project):
+    """`dvc exp run -n fastexp -S recipe=fast`, then `dvc exp run -n e3 -S train.epochs=2` (in the
+    workspace fastexp left, so the fast recipe again): both trained batch 256 and lr 0.004, but DVC
+    listed params.yaml's 32 and 0.001 only. outputs/params_in_force.yaml, a params file of evaluate,
+    gives DVC the values that trained."""
+    run(["dvc", "repro", "split"], project)
+    git_commit(project, "data")
+    run(["dvc", "exp", "run", "-n", "fastexp", "-S", "recipe=fast", "-S", "train.epochs=1"], project)
+    run(["dvc", "exp", "run", "-n", "e3", "-S", "train.epochs=2"], project)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    exps = {e["name"]: e["revs"][0]["data"]["params"] for row in shown for e in row.get("experiments") or []}
+    for name, epochs in (("fastexp", 1), ("e3", 2)):
+        own, in_force = exps[name]["params.yaml"]["data"], exps[name]["outputs/params_in_force.yaml"]["data"]
+        assert (own["recipe"], own["train"]["batch_size"], own["train"]["optimizer"]["lr"]) == ("fast", 32, 0.001)
+        assert (in_force["recipe"], in_force["train"]["batch_size"], in_force["train"]["optimizer"]["lr"],
+                in_force["train"]["epochs"]) == ("fast", 256, 0.004, epochs)
+    diff = run(["dvc", "params", "diff", "--all"], project).stdout  # HEAD (no training) vs the workspace (e3)
+    assert re.search(r"outputs/params_in_force.yaml\s+train.batch_size\s+-\s+256", diff), diff
+    assert re.search(r"outputs/params_in_force.yaml\s+train.optimizer.lr\s+-\s+0.004", diff), diff
+    assert re.search(r"params.yaml\s+train.batch_size\s+32\s+32", diff), diff
 
 
 def test_mlflow_run_takes_the_recipe_as_a_parameter_and_its_run_reproduces(project):

@@ -322,6 +322,21 @@ def recipe_changes(path: str | Path = "params.yaml", recipe: str | None = None) 
     return {k: (own[k], v) for k, v in effective.items() if k != "recipe" and own[k] != v}
 
 
+# Sections whose values in force a recipe can make differ from params.yaml's (see _RECIPE_SECTIONS).
+IN_FORCE_SECTIONS = ("recipe", *_RECIPE_SECTIONS)
+
+
+def params_in_force_text(params: Params) -> str:
+    """The train stage's outputs/params_in_force.yaml: `recipe` and the model, train and evaluate
+    values in force (the recipe applied), as YAML. dvc.yaml lists it as a params file of evaluate,
+    so `dvc exp show` and `dvc params diff` show these values beside params.yaml's, which under a
+    recipe are not the ones that trained (recipes/fast.yaml's batch 256 while params.yaml says 64)."""
+    values = params.model_dump(mode="json", include=set(IN_FORCE_SECTIONS))
+    return ("# Written by the train stage: the values in force (params.yaml with recipes/<recipe>.yaml applied).\n"
+            "# `dvc exp show` / `dvc params diff` list them as outputs/params_in_force.yaml:<key>. Do not edit.\n"
+            + yaml.safe_dump({k: values[k] for k in IN_FORCE_SECTIONS}, sort_keys=False))
+
+
 def flatten_mapping(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"train": {"optimizer": {"lr": 0.001}}} -> {"train.optimizer.lr": 0.001}: the dotted keys
     of `dvc exp run -S` and of MLflow's params. An empty mapping inside is a value of its own;

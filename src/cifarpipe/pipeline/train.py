@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from cifarpipe import atomic, faults
-from cifarpipe.config import Params, UserError, flatten, load_params, recipe_changes
+from cifarpipe.config import Params, UserError, flatten, load_params, params_in_force_text, recipe_changes
 from cifarpipe.data import archive, split
 from cifarpipe.data.batches import DeviceBatches, channel_stats, dataloader_batches
 from cifarpipe.tracking import job, store
@@ -47,6 +47,7 @@ class TrainPaths:
     run_id: Path
     metrics: Path
     tensorboard_dir: Path
+    params_in_force: Path | None = None  # the values in force, for `dvc exp show` (config.params_in_force_text)
 
 
 def main(paths: TrainPaths, params_path: Path, script: str, argv: list[str]) -> int:
@@ -208,6 +209,8 @@ def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, s
     checkpoint.save_weights(paths.weights, checkpoint.weights_file(model, params, data.mean, data.std, data.classes))
     atomic.write_text(paths.history, pd.DataFrame(state.history).to_csv(index=False))
     atomic.write_text(paths.metrics, json.dumps(training_summary(state.history), indent=2) + "\n")
+    if paths.params_in_force:
+        atomic.write_text(paths.params_in_force, params_in_force_text(params))
     record.save_checkpoint(state, complete=True)
     faults.hit("finish", params.train.epochs)
     # Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input
