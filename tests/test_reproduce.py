@@ -15,9 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, make_project, run, serve_folder, stage_cmd
 from cifarpipe.commands import reproduce
-from cifarpipe.commands.reproduction import check_reproducible, compare, format_differences, plan_params
+from cifarpipe.commands.reproduction import check_reproducible, compare, format_differences, plan_params, record_notes
 from cifarpipe.config import UserError, flatten_mapping
-from cifarpipe.tracking import provenance
+from cifarpipe.tracking import in_force, provenance
 from cifarpipe.tracking.run import EPOCH_METRICS
 from cifarpipe.tracking.runs import StoredRun
 
@@ -223,6 +223,21 @@ def test_params_that_are_not_the_pipelines_are_not_compared():
     a = _run(params={**_run().params, **entry_point})
     assert compare(a, _run(params={**_run().params, "recipe": "fast"})) == []
     assert [d.name for d in compare(a, _run())] == ["param recipe"]  # `recipe` is the pipeline's own key
+
+
+def test_a_continued_runs_params_in_force_are_what_is_compared_and_reproduced():
+    """A run resumed with evaluate.batch_size changed keeps its first value as a param (MLflow params
+    are immutable) and records the change as a tag: its reproduction runs with, and compares, the
+    value in force."""
+    changed = _run(params={**_run().params, "evaluate.batch_size": "50"},
+                   tags={**_run().tags, "param_changed.evaluate.batch_size": "50 -> 25"})
+    assert changed.params_in_force["evaluate.batch_size"] == "25"
+    assert compare(changed, _run(params={**_run().params, "evaluate.batch_size": "25"})) == []
+    assert [d.name for d in compare(changed, _run(params={**_run().params, "evaluate.batch_size": "50"}))] == [
+        "param evaluate.batch_size"]
+    assert "continued with params changed (evaluate.batch_size 50 -> 25)" in record_notes(changed)[0]
+    assert in_force.change_tags({"a": "1", "b": "2"}, {"param_changed.b": "2 -> 3"}, {"a": "5", "b": "2", "c": "9"}) == (
+        {"param_changed.a": "1 -> 5"}, ["param_changed.b"])  # b back to its logged value: the tag goes
 
 
 def test_only_uncommitted_code_and_unknown_records_are_refused_before_git_is_asked():

@@ -171,6 +171,27 @@ def test_sigint_saves_mid_epoch_and_resumes_exactly(baseline, tmp_path):
     assert_same_as_uninterrupted(project, done)
 
 
+def test_a_resume_with_other_evaluate_params_records_them_and_its_evaluation_lands_in_its_run(baseline, tmp_path):
+    """Killed, then evaluate.batch_size changed (what a user does after an out-of-memory error in
+    validation): the resumed run kept the old value, got no test_accuracy, and its test metrics went
+    into a nested "-eval-" run; the registered version had no test_accuracy tag."""
+    seed, done = baseline
+    project = fresh_copy(seed, tmp_path / "p")
+    assert run(["dvc", "repro"], project, env={"CIFARPIPE_FAULT": "step:2:3"}, check=False).returncode != 0
+    set_params(project, **{"evaluate.batch_size": 25})
+    out = run(["dvc", "repro"], project).stdout
+    assert "continues with params changed since it last ran: evaluate.batch_size 50 -> 25" in out
+    assert "resuming from outputs/checkpoints/" in out
+    client, runs = runs_of(project)
+    [r] = runs  # no nested evaluation run
+    assert r.data.params["evaluate.batch_size"] == "50"  # MLflow params are immutable: the tag says what ran
+    assert r.data.tags["param_changed.evaluate.batch_size"] == "50 -> 25"
+    accuracy = json.loads((project / "outputs/metrics.json").read_text())["accuracy"]
+    assert r.data.metrics["test_accuracy"] == accuracy
+    [version] = client.search_model_versions(f"run_id = '{r.info.run_id}'")
+    assert float(version.tags["test_accuracy"]) == round(accuracy, 4)
+
+
 def test_two_fresh_runs_give_identical_results(baseline, tmp_path):
     seed, done = baseline
     project = fresh_copy(seed, tmp_path / "p")
@@ -315,3 +336,4 @@ def test_sgd_with_warmup_is_logged_and_a_kill_inside_the_warmup_resumes_exactly(
     assert (last_checkpoint(project)["epoch"], last_checkpoint(project)["step"]) == (1, 4)
     assert "epoch 2, batch 4" in run(["dvc", "repro"], project).stdout
     assert_same_as_uninterrupted(project, done)
+

@@ -84,6 +84,21 @@ def check_reproducible(run: StoredRun, commit_exists: Callable[[str], bool]) -> 
     return commit
 
 
+def record_notes(run: StoredRun) -> list[str]:
+    """What a user must know before reading a reproduction's verdict on `run`."""
+    notes = []
+    changed = {k: v for k, v in run.tags.items() if k.startswith("param_changed.")}
+    if changed:
+        notes.append(f"run {run.run_id} was continued with params changed ("
+                     + ", ".join(f"{k.removeprefix('param_changed.')} {v}" for k, v in sorted(changed.items()))
+                     + "): the reproduction runs with the values in force at its end, so the epochs it ran "
+                     "before the change may differ by float rounding")
+    if run.tags.get("reuses_run"):
+        notes.append(f"run {run.run_id} trained nothing itself: its weights and curves are run "
+                     f"{run.tags['reuses_run']}'s (tag reuses_run); the reproduction trains with this run's params")
+    return notes
+
+
 def typed_value(logged: str, committed: Any) -> Any:
     """A logged param (MLflow keeps str(value)) as the type params.yaml has at the commit."""
     try:
@@ -184,7 +199,7 @@ def compare(recorded: StoredRun, reproduced: StoredRun, tolerance: float = 0.0,
             (f"tag {k}", recorded.tags.get(k), reproduced.tags.get(k)) for k in CHECKED_TAGS]:
         if a != b:
             out.append(Difference(name, None, a or "-", b or "-", "differs"))
-    rec_params, rep_params = pipeline_params(recorded.params), pipeline_params(reproduced.params)
+    rec_params, rep_params = pipeline_params(recorded.params_in_force), pipeline_params(reproduced.params_in_force)
     for key in sorted(set(rec_params) | set(rep_params)):
         a, b = rec_params.get(key), rep_params.get(key)
         if key not in ignore_params and a != b:

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic
 from cifarpipe.config import Params, UserError, flatten
-from cifarpipe.tracking import datasets, model, provenance, record, registry, tensorboard
+from cifarpipe.tracking import datasets, in_force, model, provenance, record, registry, tensorboard
 from cifarpipe.tracking.journal import Journal, abandon, deliver
 from cifarpipe.tracking.run import EPOCH_METRICS, RunLogger
 from cifarpipe.tracking.store import create_experiment, is_not_found, short_error, tracking_uri, uri_of
@@ -135,6 +135,8 @@ def open_job_run(client: MlflowClient, params: Params, start: JobStart, journal:
             logger.log_start(flatten(params), tags, provenance.requirements_text())
             record.log_record(client, logger.run_id, rec)
             logger.queue_history(start.history)  # a resumed job in a new run (the old one was deleted): all epochs
+        # A run that existed before (continued, adopted, or `mlflow run`'s): its params may be stale.
+        in_force.record_params_in_force(client, logger.run_id, flatten(params))
     except Exception as e:  # the run stays RUNNING: the next attempt continues it (checkpoint or orphan scan)
         raise UserError(f"the MLflow store {tracking_uri()} failed while run {logger.run_id} was being set up "
                         f"({type(e).__name__}); nothing was trained: run again when it answers, the same run "

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from cifarpipe import atomic
 from cifarpipe.config import UserError
 from cifarpipe.tracking import datasets, model, registry
+from cifarpipe.tracking.in_force import params_in_force
 from cifarpipe.tracking.store import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL, is_not_found, is_refusal,
                                       short_error, uri_of)
 
@@ -212,15 +213,18 @@ def evaluation_params_key(params: dict[str, str]) -> str:
 
 
 def _deliver_evaluation(client: MlflowClient, item: dict[str, Any]) -> None:
-    """Test metrics and evaluation artifacts into the training run if it was logged with the same
-    `evaluate.*` params; else into a run of its own, nested under the training run
+    """Test metrics and evaluation artifacts into the training run if its `evaluate.*` params in force
+    are the same; else into a run of its own, nested under the training run
     (mlflow.parentRunId) with every current param, so no run's params contradict its metrics."""
     for art in item["artifacts"]:
         _check_unchanged(art)
     train_id, params = item["run_id"], item["params"]
     run = client.get_run(train_id)
     current = {k: v for k, v in params.items() if k.startswith("evaluate.")}
-    logged = {k: v for k, v in run.data.params.items() if k.startswith("evaluate.")}
+    # The training run's values in force: a job resumed with evaluate.batch_size changed (after an
+    # out-of-memory error in validation) validated its last epochs with the new value; its run's
+    # params keep the first (see tracking.in_force), and its evaluation belongs in it.
+    logged = {k: v for k, v in params_in_force(run.data.params, run.data.tags).items() if k.startswith("evaluate.")}
     target = train_id
     if logged and logged != current:
         key = evaluation_params_key(params)
