@@ -151,24 +151,15 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group)
     state = engine.TrainState()
     if resume:
         state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader == "device")
-        if main and state.epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
-            print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
-                  f"{resume['mlflow_run_id']} from it (no retraining)")
-        elif main:
-            print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {state.progress.step} of "
-                  f"{steps_per_epoch}" + (f", in {group.world_size} processes" if group.active else ""))
 
     run = None
     if main:  # MLflow, call 1 of 2: open the job's run
         run = job.open_job_run(client, params, job.JobStart(
             fingerprint, data.split_hash, engine.device_name(device), resumed=bool(resume),
             resume_run_id=resume["mlflow_run_id"] if resume else None, history=state.history,
-            n_train=len(data.train_y), n_val=len(data.val_y)), Journal(journal_path(paths.run_id)), paths.run_id,
-            paths.tensorboard_dir)
-        print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
-              f"of {len(data.train_y)} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
-              + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
-                 else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
+            n_train=len(data.train_y), n_val=len(data.val_y), complete=bool(resume and resume["complete"]),
+            checkpoint=resume_path), Journal(journal_path(paths.run_id)), paths.run_id, paths.tensorboard_dir)
+        say_what_runs(run, state, params, resume_path, steps_per_epoch, len(data.train_y), device, group)
 
     stop = StopRequest(say=tqdm.write if main else None)
     hooks = StageHooks(stop, steps_per_epoch, p.epochs, mid_epoch=p.loader == "device",
@@ -198,6 +189,30 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group)
     return 0
 
 
+def say_what_runs(run: job.JobRun, state: engine.TrainState, params: Params, resume_path: Path | None,
+                  steps_per_epoch: int, n_train: int, device: torch.device, group: Group) -> None:
+    """Rank 0's account of what this execution does: train, resume, complete a killed job's run, or
+    reuse a finished job's weights in a run of its own (naming the checkpoint it really uses)."""
+    p = params.train
+    if state.epoch == p.epochs and run.reuses:
+        print(f"{resume_path}: this job (the same params that shape training, data and code) finished in MLflow "
+              f"run {run.reuses}: nothing is trained now. Its weights and history become the outputs, recorded in "
+              f"MLflow run {run.run_id}, this execution's (tag reuses_run). To train again, move {resume_path.parent} "
+              "away.")
+        return
+    if state.epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
+        print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
+              f"{run.run_id} from it (no retraining)")
+        return
+    if resume_path:
+        print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {state.progress.step} of "
+              f"{steps_per_epoch}" + (f", in {group.world_size} processes" if group.active else ""))
+    print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
+          f"of {n_train} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
+          + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
+             else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
+
+
 def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, setup: engine.TrainingSetup,
                   data: TrainingData, record: EpochRecord, run: job.JobRun) -> None:
     """A finished training's outputs (weights, history, metrics, the complete checkpoint), then
@@ -211,7 +226,8 @@ def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, s
     atomic.write_text(paths.metrics, json.dumps(training_summary(state.history), indent=2) + "\n")
     if paths.params_in_force:
         atomic.write_text(paths.params_in_force, params_in_force_text(params))
-    record.save_checkpoint(state, complete=True)
+    if not run.reuses:  # a reused job's checkpoint stays its own: complete, naming the run that trained it
+        record.save_checkpoint(state, complete=True)
     faults.hit("finish", params.train.epochs)
     # Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input
     # example, and with its output the model's signature.
