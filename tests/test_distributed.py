@@ -119,7 +119,7 @@ def _pid_namespaces() -> bool:
 
 
 @pytest.mark.skipif(not _pid_namespaces(), reason="no PID namespace here (unshare -rfp refused)")
-@pytest.mark.parametrize("pid_1", ["torchrun", "stage"])
+@pytest.mark.parametrize("pid_1", ["torchrun", pytest.param("stage", marks=pytest.mark.slow)])  # the same check
 def test_two_processes_train_when_torchrun_or_the_stage_is_pid_1(seed, tmp_path, pid_1):
     """A container whose entrypoint is torchrun (or the stage): the workers' parent is PID 1, which
     the parent-death check once took for "torchrun died" (rank 1 exit 137, no message)."""
