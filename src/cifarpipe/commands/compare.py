@@ -147,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     experiment = None if args.all_experiments else (args.experiment or _default_experiment(args.params))
-    runs = read_runs(experiment, args.filter, args.max_runs)
+    runs = read_runs(experiment, args.filter, args.max_runs + 1)  # one more: whether any were left out
+    more, runs = len(runs) > args.max_runs, runs[:args.max_runs]
     where = f"experiment {experiment!r}" if experiment else "any experiment"
     if not runs:
         print(f"no runs in {where} of {tracking_uri()}" + (f" matching {args.filter!r}" if args.filter else "")
@@ -156,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = build_table(runs)
     print(f"{len(runs)} run{'s' if len(runs) != 1 else ''} of {where} in {tracking_uri()}, best test accuracy first:")
     print(formatted(table).to_string(index=False))
+    if more:
+        print(f"note: only the newest {args.max_runs} matching run(s) are listed; more match (--max-runs N, --filter)",
+              file=sys.stderr)
     if args.csv:
         atomic.write_text(args.csv, table.to_csv(index=False))
         print(f"table -> {args.csv}")
