@@ -291,6 +291,19 @@ def test_a_huge_jpeg_is_decoded_at_reduced_scale_without_pillows_raw_warning(tmp
     assert capsys.readouterr().err == ""
 
 
+def test_an_image_with_transparency_is_classified_with_a_note_that_its_alpha_is_dropped(tmp_path, capsys):
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[:8, :, 3] = 0  # the top quarter transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut-out.png")
+    Image.fromarray(np.full((32, 32, 4), 255, np.uint8), "RGBA").save(tmp_path / "opaque.png")
+    assert predict.read_image(tmp_path / "cut-out.png").shape == (32, 32, 3)
+    assert "cut-out.png: 25.0% of its pixels are (partly) transparent; the alpha channel is dropped" in \
+        capsys.readouterr().err
+    predict.read_image(tmp_path / "opaque.png")
+    assert capsys.readouterr().err == ""
+
+
 def test_predict_with_a_run_id_or_a_registered_model_gives_the_weights_files_classes(trained, store, tmp_path, capsys):
     project, run_id, images, labels, evaluated = trained
     folder = tmp_path / "pngs"

@@ -82,6 +82,7 @@ def read_image(path: Path) -> np.ndarray:
                 print(f"note: {path}: {image.width} x {image.height} pixels, over Pillow's decompression-bomb "
                       f"limit of {Image.MAX_IMAGE_PIXELS}; decoded in full", file=sys.stderr)
             image.load()  # decode now: a truncated or corrupt file fails here, not later
+            _say_if_transparent(path, image)
             return inference.prepare_image(image)
     except FileNotFoundError:
         raise ValueError("no such file") from None
@@ -91,6 +92,18 @@ def read_image(path: Path) -> np.ndarray:
         raise ValueError(f"refused: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for damaged data
         raise ValueError(f"unreadable image ({type(e).__name__}: {e})") from None
+
+
+def _say_if_transparent(path: Path, image) -> None:
+    """The rule drops the alpha channel: transparent pixels are classified with whatever colour they
+    hide (often black). Said per file, since it changes what the model sees."""
+    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+        return
+    alpha = np.asarray(image.convert("RGBA").getchannel("A"))
+    share = float((alpha < 255).mean()) if alpha.size else 0.0
+    if share:
+        print(f"note: {path}: {share:.1%} of its pixels are (partly) transparent; the alpha channel is dropped, so "
+              "they are classified with the colour they hide", file=sys.stderr)
 
 
 def load_predictor(model: str, run: str | None) -> tuple[Callable[[np.ndarray], pd.DataFrame], str]:
