@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic, faults
-from cifarpipe.config import Params, TrainParams, UserError, flatten, load_params, recipe_changes
+from cifarpipe.config import (Params, TrainParams, UserError, flatten, load_params, params_in_force_text,
+                              recipe_changes)
 from cifarpipe.data import archive, split
 from cifarpipe.data.batches import DeviceBatches, EpochBatches, channel_stats, dataloader_batches, whitening_images
 from cifarpipe.pipeline.phases import Phases, timed
@@ -56,6 +57,7 @@ class TrainPaths:
     run_id: Path
     metrics: Path
     tensorboard_dir: Path
+    params_in_force: Path | None = None  # the values in force, for `dvc exp show` (config.params_in_force_text)
 
 
 def main(paths: TrainPaths, params_path: Path, script: str, argv: list[str]) -> int:
@@ -156,7 +158,7 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
             steps_per_epoch, train_batches, val_batches = epoch_batches(data, params, device, group)
             setup = build_setup(data, params, device, group, steps_per_epoch)  # the recipe of params.yaml
             phases.lap("model and batches")
-            state = restored_state(resume, resume_path, setup, params, device, group, steps_per_epoch)
+            state = restored_state(resume, setup, params, device)
         except Exception:
             store_ready.result()  # a store that does not answer is reported first: nothing works without it
             raise
@@ -170,13 +172,10 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
         run = job.open_job_run(client, params, job.JobStart(
             job_dir.name, data.split_hash, engine.device_name(device), resumed=bool(resume),
             resume_run_id=resume["mlflow_run_id"] if resume else None, history=state.history,
-            n_train=len(data.train_y), n_val=len(data.val_y), job_dir=job_dir), Journal(journal_path(paths.run_id)),
-            paths.run_id,
+            n_train=len(data.train_y), n_val=len(data.val_y), complete=bool(resume and resume["complete"]),
+            checkpoint=resume_path, job_dir=job_dir), Journal(journal_path(paths.run_id)), paths.run_id,
             paths.tensorboard_dir)
-        print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
-              f"of {len(data.train_y)} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
-              + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
-                 else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
+        say_what_runs(run, state, params, resume_path, steps_per_epoch, len(data.train_y), device, group)
         phases.lap("open run")
 
     prepare_steps(setup, state, p, train_batches, log=print if main else lambda line: None)
@@ -221,21 +220,13 @@ def resume_point(paths: TrainPaths, params: Params, data: TrainingData, group: G
     return job_dir, group.broadcast(resume), resume_path
 
 
-def restored_state(resume: dict | None, resume_path: Path | None, setup: engine.TrainingSetup, params: Params,
-                   device: torch.device, group: Group, steps_per_epoch: int) -> engine.TrainState:
+def restored_state(resume: dict | None, setup: engine.TrainingSetup, params: Params,
+                   device: torch.device) -> engine.TrainState:
     """Where training starts: the checkpoint's state (model, optimizer, scheduler and generators
     loaded), or the beginning."""
     if not resume:
         return engine.TrainState()
-    p = params.train
-    state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader != "dataloader")
-    if group.is_main and state.epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
-        print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
-              f"{resume['mlflow_run_id']} from it (no retraining)")
-    elif group.is_main:
-        print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {state.progress.step} of "
-              f"{steps_per_epoch}" + (f", in {group.world_size} processes" if group.active else ""))
-    return state
+    return checkpoint.restore(resume, setup, device, mid_epoch=params.train.loader != "dataloader")
 
 
 def stopped(state: engine.TrainState, stop: StopRequest, run: job.JobRun | None, job_dir: Path,
@@ -280,6 +271,30 @@ def prepare_steps(setup: engine.TrainingSetup, state: engine.TrainState, p: Trai
             "(not part of the epochs' time)")
 
 
+def say_what_runs(run: job.JobRun, state: engine.TrainState, params: Params, resume_path: Path | None,
+                  steps_per_epoch: int, n_train: int, device: torch.device, group: Group) -> None:
+    """Rank 0's account of what this execution does: train, resume, complete a killed job's run, or
+    reuse a finished job's weights in a run of its own (naming the checkpoint it really uses)."""
+    p = params.train
+    if state.epoch == p.epochs and run.reuses:
+        print(f"{resume_path}: this job (the same params that shape training, data and code) finished in MLflow "
+              f"run {run.reuses}: nothing is trained now. Its weights and history become the outputs, recorded in "
+              f"MLflow run {run.run_id}, this execution's (tag reuses_run). To train again, move {resume_path.parent} "
+              "away.")
+        return
+    if state.epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
+        print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
+              f"{run.run_id} from it (no retraining)")
+        return
+    if resume_path:
+        print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {state.progress.step} of "
+              f"{steps_per_epoch}" + (f", in {group.world_size} processes" if group.active else ""))
+    print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
+          f"of {n_train} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
+          + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
+             else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
+
+
 def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, setup: engine.TrainingSetup,
                   data: TrainingData, record: EpochRecord, run: job.JobRun, phases: Phases) -> None:
     """A finished training's outputs (weights, history, metrics, the complete checkpoint), then
@@ -291,7 +306,10 @@ def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, s
     checkpoint.save_weights(paths.weights, checkpoint.weights_file(model, params, data.mean, data.std, data.classes))
     atomic.write_text(paths.history, pd.DataFrame(state.history).to_csv(index=False))
     atomic.write_text(paths.metrics, json.dumps(training_summary(state.history), indent=2) + "\n")
-    record.save_checkpoint(state, complete=True)
+    if paths.params_in_force:
+        atomic.write_text(paths.params_in_force, params_in_force_text(params))
+    if not run.reuses:  # a reused job's checkpoint stays its own: complete, naming the run that trained it
+        record.save_checkpoint(state, complete=True)
     faults.hit("finish", params.train.epochs)
     phases.lap("outputs")
     # Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input

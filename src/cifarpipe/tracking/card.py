@@ -51,19 +51,21 @@ def facts(client: MlflowClient, run_id: str, classes: list[str], evaluation: dic
 
 
 def publish(client: MlflowClient, run_id: str, model_uri: str, registered_model: str, classes: list[str],
-            evaluation: dict[str, Any] | None = None, log=print) -> str | None:
+            evaluation: dict[str, Any] | None = None, log=print, strict: bool = False) -> str | None:
     """Register the run's model as a version of `registered_model` ("" = off; once per run, then the
     @champion rule), write its card and publish it (module docstring). Returns the version. A
-    failing store call is said on stderr; the card is then published at the next call."""
+    failing store call is said on stderr and the rest goes on (`strict`: the error is raised
+    instead, for a delivery that must stay pending until everything is done); evaluate's delivery
+    publishes the card again, with the test results."""
     version = None
     if registered_model:
         val = client.get_run(run_id).data.metrics.get("val_accuracy")  # the last epoch's: the registered weights'
         version = registry.register_model_version(
-            client, registered_model, run_id, model_uri,
+            client, registered_model, run_id, model_uri, strict=strict,
             tags={registry.VAL_ACCURACY_TAG: round(val, 4)} if val is not None else None)
         if version is None:
             return None
-        decision = registry.update_champion(client, registered_model, version)
+        decision = registry.update_champion(client, registered_model, version, strict=strict)
         if decision and evaluation is None:
             log(f"registered version {version} of {registered_model}: {decision}")
     text = model_card.render(facts(client, run_id, classes, evaluation,
@@ -76,8 +78,10 @@ def publish(client: MlflowClient, run_id: str, model_uri: str, registered_model:
             model_id = model_uri.removeprefix("models:/")
             if model_id != model_uri and "/" not in model_id:
                 client.log_model_artifact(model_id, str(path))
+        if version:
+            client.update_model_version(registered_model, version, description=text)
     except Exception as e:
-        print(f"warning: could not log the model card of run {run_id} ({type(e).__name__}: {e})", file=sys.stderr)
-    if version:
-        registry.describe_version(client, registered_model, version, text)
+        if strict:
+            raise
+        print(f"warning: could not publish the model card of run {run_id} ({type(e).__name__}: {e})", file=sys.stderr)
     return version

@@ -23,13 +23,20 @@ VAL_ACCURACY_TAG = "val_accuracy"
 CHAMPION_RULE_TAG = "champion_rule"
 
 
+def run_versions(client: MlflowClient, name: str, run_id: str) -> list:
+    """The versions of registered model `name` made from run `run_id`. The filter holds the run id
+    only (32 hex digits) and the name is compared here: MLflow allows names with quotes ("Bob's
+    model"), which inside a filter string broke its syntax and every registration with it."""
+    return [mv for mv in client.search_model_versions(f"run_id = '{run_id}'") if mv.name == name]
+
+
 def register_model_version(client: MlflowClient, name: str, run_id: str, model_uri: str,
-                           tags: dict[str, Any] | None = None) -> str | None:
+                           tags: dict[str, Any] | None = None, strict: bool = False) -> str | None:
     """Register the run's logged model as a version of `name` (created if new), tagged with `tags`;
     once per run: a second call returns the run's existing version. Returns the version, None if
-    it failed."""
+    it failed (with a warning; `strict`: the error is raised instead)."""
     try:
-        for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        for mv in run_versions(client, name, run_id):
             return mv.version
         try:
             client.create_registered_model(name)
@@ -47,6 +54,8 @@ def register_model_version(client: MlflowClient, name: str, run_id: str, model_u
                 linked + [{"name": mv.name, "version": mv.version}])})
         return mv.version
     except Exception as e:
+        if strict:
+            raise
         print(f"warning: could not register the model as a version of {name!r} ({type(e).__name__}: {e})",
               file=sys.stderr)
         return None
@@ -64,9 +73,9 @@ def version_val_accuracy(client: MlflowClient, name: str, version: str) -> float
     return None
 
 
-def update_champion(client: MlflowClient, name: str, version: str) -> str | None:
+def update_champion(client: MlflowClient, name: str, version: str, strict: bool = False) -> str | None:
     """Apply the alias rule (module docstring) to `version`, once; returns what was decided (also
-    its tag `champion_rule`), None if the store failed (said on stderr)."""
+    its tag `champion_rule`), None if the store failed (said on stderr; `strict`: raised instead)."""
     try:
         mv = client.get_model_version(name, version)
         if CHAMPION_RULE_TAG in mv.tags:
@@ -92,30 +101,25 @@ def update_champion(client: MlflowClient, name: str, version: str) -> str | None
         client.set_model_version_tag(name, version, CHAMPION_RULE_TAG, decision)
         return decision
     except Exception as e:
+        if strict:
+            raise
         print(f"warning: could not apply the @{CHAMPION} rule to version {version} of {name!r} "
               f"({type(e).__name__}: {e})", file=sys.stderr)
         return None
 
 
-def describe_version(client: MlflowClient, name: str, version: str, description: str) -> bool:
-    """Set the version's description (its model card); False if the store failed (said on stderr)."""
+def tag_model_versions(client: MlflowClient, name: str, run_id: str, tags: dict[str, Any], strict: bool = False
+                       ) -> list[str]:
+    """Tag the versions of `name` registered from `run_id` (evaluate's test accuracy); the versions
+    tagged (with a warning if it failed; `strict`: the error is raised instead)."""
     try:
-        client.update_model_version(name, version, description=description)
-        return True
-    except Exception as e:
-        print(f"warning: could not set the description of version {version} of {name!r} ({type(e).__name__}: {e})",
-              file=sys.stderr)
-        return False
-
-
-def tag_model_versions(client: MlflowClient, name: str, run_id: str, tags: dict[str, Any]) -> list[str]:
-    """Tag the versions of `name` registered from `run_id` (evaluate's test accuracy); the versions tagged."""
-    try:
-        versions = [mv.version for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")]
+        versions = [mv.version for mv in run_versions(client, name, run_id)]
         for version in versions:
             for key, value in tags.items():
                 client.set_model_version_tag(name, version, key, str(value))
         return versions
     except Exception as e:
+        if strict:
+            raise
         print(f"warning: could not tag the registered model {name!r} ({type(e).__name__}: {e})", file=sys.stderr)
         return []
