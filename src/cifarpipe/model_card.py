@@ -57,7 +57,7 @@ def _scope(classes: list[str]) -> list[str]:
         "- Every input gets one of these classes: there is no \"none of these\" answer, so an image of anything "
         "else is still put into one of them, with a probability that means nothing.",
         "- Images of any other size are made 32x32 first (the largest centred square, bilinear): detail "
-        "smaller than a 32x32 pixel is lost.",
+        "finer than one pixel of that 32x32 image is lost.",
         "- Trained and tested only on CIFAR-10 (small photographs collected in 2009); accuracy on other "
         "photographs, drawings, medical or satellite images is unknown.",
         "- The probabilities are the network's softmax, not calibrated; the validation and test figures below "
