@@ -167,11 +167,12 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
 
     run = None
     if main:  # MLflow, call 1 of 2: open the job's run
+        run_id = run_to_continue(resume, params.evaluate.weights)
         run = job.open_job_run(client, params, job.JobStart(
-            job_dir.name, data.split_hash, engine.device_name(device), resumed=bool(resume),
-            resume_run_id=resume["mlflow_run_id"] if resume else None, history=state.history,
-            n_train=len(data.train_y), n_val=len(data.val_y)), Journal(journal_path(paths.run_id)), paths.run_id,
-            paths.tensorboard_dir)
+            job_dir.name, data.split_hash, engine.device_name(device), resumed=bool(resume), resume_run_id=run_id,
+            history=state.history, n_train=len(data.train_y), n_val=len(data.val_y),
+            history_from_run=resume["mlflow_run_id"] if resume and not run_id else None),
+            Journal(journal_path(paths.run_id)), paths.run_id, paths.tensorboard_dir)
         print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
               f"of {len(data.train_y)} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
               + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
@@ -188,7 +189,8 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
     try:
         with stop.installed():
             if not engine.fit(setup, state, p.epochs, train_batches, val_batches, steps_per_epoch, hooks,
-                              group=group, log_every=p.log_every if main else 0, log=tqdm.write):
+                              group=group, log_every=p.log_every if main else 0, log=tqdm.write,
+                              early_stopping=p.early_stopping):
                 return stopped(state, stop, run, job_dir, device, group)
     except BaseException:
         if run:
@@ -220,6 +222,20 @@ def resume_point(paths: TrainPaths, params: Params, data: TrainingData, group: G
     return job_dir, group.broadcast(resume), resume_path
 
 
+def run_to_continue(resume: dict | None, weights: str) -> str | None:
+    """The checkpoint's MLflow run, to continue; None (a new run) when that run records other
+    weights (evaluate.weights): its params, model and registered version say which, and MLflow
+    params never change. The new run gets the job's history; nothing is trained again."""
+    if not resume:
+        return None
+    recorded = resume["weights"]
+    if recorded == weights:
+        return resume["mlflow_run_id"]
+    print(f"MLflow run {resume['mlflow_run_id']} of this job records evaluate.weights = {recorded}; a new run "
+          f"records the job with {weights} (its {resume['epoch']} trained epochs are not trained again)")
+    return None
+
+
 def restored_state(resume: dict | None, resume_path: Path | None, setup: engine.TrainingSetup, params: Params,
                    device: torch.device, group: Group, steps_per_epoch: int) -> engine.TrainState:
     """Where training starts: the checkpoint's state (model, optimizer, scheduler and generators
@@ -228,9 +244,10 @@ def restored_state(resume: dict | None, resume_path: Path | None, setup: engine.
         return engine.TrainState()
     p = params.train
     state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader != "dataloader")
-    if group.is_main and state.epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
-        print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
-              f"{resume['mlflow_run_id']} from it (no retraining)")
+    if group.is_main and (state.epoch == p.epochs or state.stopped_early):  # trained; outputs or run not complete
+        done = (f"early stopping ended training after epoch {state.epoch} of {p.epochs}" if state.stopped_early
+                else f"all {p.epochs} epochs are trained")
+        print(f"{resume_path}: {done}; completing the outputs and an MLflow run from it (no retraining)")
     elif group.is_main:
         print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {state.progress.step} of "
               f"{steps_per_epoch}" + (f", in {group.world_size} processes" if group.active else ""))
@@ -284,29 +301,42 @@ def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, s
     """A finished training's outputs (weights, history, metrics, the complete checkpoint), then
     MLflow, call 2 of 2: the run closed with its artifacts and model."""
     # NHWC (channels_last) was a training-speed choice; the weights file and the MLflow model get
-    # the standard layout, which loaders expect and torch.export (MLflow's pt2 format) saves
-    # without "No complete tensor found" warnings.
-    model = setup.model.to("cpu", memory_format=torch.contiguous_format)
-    checkpoint.save_weights(paths.weights, checkpoint.weights_file(model, params, data.mean, data.std, data.classes))
+    # the standard layout (chosen_weights), which loaders expect and torch.export (MLflow's pt2
+    # format) saves without "No complete tensor found" warnings.
+    weights, epoch = checkpoint.chosen_weights(params.evaluate.weights, state, setup.model, record.job_dir)
+    checkpoint.save_weights(paths.weights, checkpoint.weights_file(weights, params, data.mean, data.std, data.classes,
+                                                                   epoch))
     atomic.write_text(paths.history, pd.DataFrame(state.history).to_csv(index=False))
-    atomic.write_text(paths.metrics, json.dumps(training_summary(state.history), indent=2) + "\n")
+    summary = training_summary(state, params, epoch)
+    atomic.write_text(paths.metrics, json.dumps(summary, indent=2) + "\n")
     record.save_checkpoint(state, complete=True)
     faults.hit("finish", params.train.epochs)
     phases.lap("outputs")
     # Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input
     # example, and with its output the model's signature.
+    tags = {"weights": params.evaluate.weights, "weights_epoch": str(epoch), "epochs_trained": str(state.epoch)}
+    if state.stopped_early:
+        tags["stopped_early_at"] = str(state.epoch)
     model_uri = run.close(checkpoints=[record.last, record.best], history=state.history, history_file=paths.history,
                           weights=paths.weights, example=data.val_x[:4].copy(),
-                          registered_model=params.tracking.registered_model, metrics=phases.metrics())
+                          registered_model=params.tracking.registered_model, tags=tags,
+                          metrics={"model_val_accuracy": summary["model_val_accuracy"], **phases.metrics()})
     phases.lap("close run")
-    print(f"done: best val accuracy {state.best_val_accuracy:.4f}; weights {paths.weights}; model {model_uri}")
+    print(f"done: {paths.weights} holds the weights of epoch {epoch} of {state.epoch} trained (evaluate.weights "
+          f"{params.evaluate.weights}), val accuracy {summary['model_val_accuracy']:.4f} (best "
+          f"{summary['best_val_accuracy']:.4f}, epoch {summary['best_epoch']}); model {model_uri}")
     print(phases.report(), flush=True)
 
 
-def training_summary(history: list[dict[str, float]]) -> dict[str, float]:
-    """The training side of `dvc metrics`: best validation accuracy, its epoch, the time spent."""
+def training_summary(state: engine.TrainState, params: Params, weights_epoch: int) -> dict[str, float]:
+    """The training side of `dvc metrics`: best validation accuracy and its epoch, the validation
+    accuracy of the weights in the weights file and their epoch, the epochs trained and asked for
+    (fewer when early stopping ended training), the time spent."""
+    history = state.history
     best = max(history, key=lambda row: row["val_accuracy"])
-    return {"best_val_accuracy": best["val_accuracy"], "best_epoch": int(best["epoch"]), "epochs": len(history),
+    return {"best_val_accuracy": best["val_accuracy"], "best_epoch": int(best["epoch"]),
+            "model_val_accuracy": history[weights_epoch - 1]["val_accuracy"], "weights_epoch": weights_epoch,
+            "epochs_trained": len(history), "epochs_requested": params.train.epochs, "stopped_early": state.stopped_early,
             "train_seconds": round(sum(row["epoch_seconds"] for row in history), 1)}
 
 
@@ -316,13 +346,14 @@ class EpochRecord:
 
     def __init__(self, run: job.JobRun, setup: engine.TrainingSetup, device: torch.device, params: Params,
                  job_dir: Path, history_path: Path) -> None:
-        self.run, self.setup, self.device, self.params, self.fingerprint = run, setup, device, params, job_dir.name
+        self.run, self.setup, self.device, self.params, self.job_dir = run, setup, device, params, job_dir
         self.last, self.best, self.history_path = job_dir / "last.pt", job_dir / "best.pt", history_path
 
     def save_checkpoint(self, state: engine.TrainState, complete: bool = False, path: Path | None = None) -> None:
         checkpoint.save(path or self.last, checkpoint.build(
             state, self.setup, self.device, seed=self.params.train.seed, run_id=self.run.run_id,
-            fingerprint=self.fingerprint, model_name=self.params.model.name, complete=complete))
+            weights=self.params.evaluate.weights, fingerprint=self.job_dir.name, model_name=self.params.model.name,
+            complete=complete))
 
     def epoch(self, state: engine.TrainState, improved: bool) -> None:
         if improved:  # best first: a kill between the two writes then just redoes this epoch
@@ -378,3 +409,7 @@ class StageHooks(engine.LoopHooks):
         print(f"epoch {state.epoch:3d}/{self.epochs}  train loss {row['train_loss']:.4f}  val loss "
               f"{row['val_loss']:.4f}  val acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  "
               f"{row['epoch_seconds']:6.1f} s  {row['images_per_second']:8.0f} img/s", flush=True)
+        if state.stopped_early:
+            print(f"early stopping: no improvement in validation accuracy for {state.epochs_without_improvement} "
+                  f"epochs (train.early_stopping): training stops after epoch {state.epoch} of {self.epochs}",
+                  flush=True)

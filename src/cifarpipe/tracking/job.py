@@ -38,6 +38,7 @@ class JobStart:
     history: list[dict[str, float]] = field(default_factory=list)  # the checkpoint's epochs
     n_train: int = 0
     n_val: int = 0
+    history_from_run: str | None = None  # the run that trained `history`, when this job's record moves to a new run
 
 
 @dataclass
@@ -68,11 +69,12 @@ class JobRun:
         self.logger.finish(status)
 
     def close(self, *, checkpoints: list[Path], history: list[dict[str, float]], history_file: Path, weights: Path,
-              example: np.ndarray, registered_model: str, metrics: dict[str, float] | None = None) -> str:
+              example: np.ndarray, registered_model: str, metrics: dict[str, float] | None = None,
+              tags: dict[str, str] | None = None) -> str:
         """Deliver a finished training's record: queued metrics, the checkpoints and history as
-        artifacts, `metrics` (step 0: the stage's phase timings), the model (logged from the weights
-        file), then status FINISHED, last; register the model as a version of `registered_model`
-        ("" = off).
+        artifacts, `metrics` (step 0: the stage's phase timings), `tags` (which weights, where
+        training stopped), the model (logged from the weights file), then status FINISHED, last;
+        register the model as a version of `registered_model` ("" = off).
 
         Everything goes through the journal: what the store does not take stays there and is
         delivered by evaluate or the next `dvc repro`; the stage still succeeds, since its outputs
@@ -92,6 +94,8 @@ class JobRun:
             journal.add_artifact(self.run_id, self.tb_dir / tensorboard.TENSORBOARD_FILE, f"tensorboard/{self.tb_dir.name}")
         if metrics:
             journal.add_metrics(self.run_id, metrics)
+        if tags:
+            journal.add_tags(self.run_id, tags)
         journal.add_model(self.run_id, weights, example)
         logger.finish("FINISHED")  # journals the status after the rest and delivers this run's items
         left = [it for it in journal.items if it["run_id"] == self.run_id]
@@ -134,7 +138,8 @@ def open_job_run(client: MlflowClient, params: Params, start: JobStart, journal:
         else:
             tags = {**git.tags(), **provenance.environment_tags(start.device_name), **workspace,
                     "data_md5": params.data.md5, "split_hash": start.split_hash, "fingerprint": start.fingerprint,
-                    "deterministic": str(params.train.deterministic).lower()}
+                    "deterministic": str(params.train.deterministic).lower(),
+                    **({"history_from_run": start.history_from_run} if start.history_from_run else {})}
             logger.log_start(flatten(params), tags, provenance.requirements_text())
             record.log_record(client, logger.run_id, rec)
             logger.queue_history(start.history)  # a resumed job in a new run (the old one was deleted): all epochs
