@@ -310,21 +310,22 @@ def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, s
     summary = training_summary(state, params, epoch)
     atomic.write_text(paths.metrics, json.dumps(summary, indent=2) + "\n")
     record.save_checkpoint(state, complete=True)
-    faults.hit("finish", params.train.epochs)
+    faults.hit("finish", state.epoch)
     phases.lap("outputs")
-    # Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input
-    # example, and with its output the model's signature.
     tags = {"weights": params.evaluate.weights, "weights_epoch": str(epoch), "epochs_trained": str(state.epoch)}
     if state.stopped_early:
         tags["stopped_early_at"] = str(state.epoch)
+    # Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input
+    # example, and with its output the model's signature.
     model_uri = run.close(checkpoints=[record.last, record.best], history=state.history, history_file=paths.history,
                           weights=paths.weights, example=data.val_x[:4].copy(),
                           registered_model=params.tracking.registered_model, tags=tags,
                           metrics={"model_val_accuracy": summary["model_val_accuracy"], **phases.metrics()})
     phases.lap("close run")
+    best = "" if epoch == summary["best_epoch"] else (f"; the best, {summary['best_val_accuracy']:.4f}, was epoch "
+                                                      f"{summary['best_epoch']}")
     print(f"done: {paths.weights} holds the weights of epoch {epoch} of {state.epoch} trained (evaluate.weights "
-          f"{params.evaluate.weights}), val accuracy {summary['model_val_accuracy']:.4f} (best "
-          f"{summary['best_val_accuracy']:.4f}, epoch {summary['best_epoch']}); model {model_uri}")
+          f"{params.evaluate.weights}, val accuracy {summary['model_val_accuracy']:.4f}{best}); model {model_uri}")
     print(phases.report(), flush=True)
 
 
