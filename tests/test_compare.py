@@ -89,6 +89,14 @@ def test_compare_prints_and_writes_the_table_and_curves_from_a_real_store(tracke
     assert none.returncode == 1 and "no runs" in none.stderr and "Traceback" not in none.stderr
 
 
+def test_compare_says_when_max_runs_left_runs_out(tracked):
+    """--max-runs (default 100) once cut the table without a word: it looked like every run."""
+    cut = compare_cmd(tracked, "--max-runs", "1")
+    assert "1 run of" in cut.stdout
+    assert "note: only the newest 1 matching run(s) are listed; more match" in cut.stderr
+    assert "note:" not in compare_cmd(tracked, "--max-runs", "2").stderr
+
+
 def test_compare_without_runs_or_store_says_so(tmp_path, monkeypatch):
     no_store = compare_cmd(tmp_path, check=False)
     assert no_store.returncode == 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cifarpipe.config import AugmentParams
-from cifarpipe.data.batches import DeviceBatches, channel_stats, dataloader_batches
+from cifarpipe.data.batches import DeviceBatches, channel_stats, dataloader_batches, epoch_seed
 
 AUG = AugmentParams(enabled=True, crop_padding=4, flip=True)
 NO_AUG = AugmentParams(enabled=False, crop_padding=4, flip=True)
@@ -75,6 +75,17 @@ def test_same_seed_same_batches_other_seed_or_epoch_other_batches():
     assert torch.equal(first(1, 0), first(1, 0))
     assert not torch.equal(first(1, 0), first(2, 0))
     assert not torch.equal(first(1, 0), first(1, 1))
+
+
+def test_every_seed_the_schema_accepts_gives_batches_and_small_seeds_keep_theirs():
+    """train.seed >= 2**45 passed validation, then crashed in epoch 1 (after the MLflow run was
+    created) with "Overflow when unpacking long long": seed * 1_000_003 + epoch went past 64 bits."""
+    images, labels = numbered_images(40)
+    for seed in (2**45, 2**64 - 1):  # the schema's largest: torch.manual_seed's limit
+        assert len(list(identity(images, labels, 8, AUG, seed=seed).epoch(3))) == 5
+        loader = dataloader_batches(images.numpy(), labels.numpy(), 8, [0.0] * 3, [1.0] * 3, AUG, seed=seed, epoch=3)
+        assert len(list(loader)) == 5
+    assert (epoch_seed(0, 1), epoch_seed(7, 3)) == (1, 7 * 1_000_003 + 3)  # unchanged: the same batches as before
 
 
 def test_resuming_mid_epoch_continues_with_exactly_the_remaining_batches():

@@ -174,8 +174,7 @@ def test_a_checkpoint_in_the_middle_of_an_epoch_resumes_rates_lookahead_and_whit
     train_steps(first, batches, range(3), stop_at=(1, 3))  # epoch 2, step 3: global step 11, after a Lookahead update
     state = engine.TrainState(epoch=1, progress=engine.EpochProgress(step=3))
     path = tmp_path / "last.pt"
-    checkpoint.save(path, checkpoint.build(state, first, CPU, seed=0, run_id="r", weights="best", fingerprint="f",
-                                           model_name="airnet"))
+    checkpoint.save(path, checkpoint.build(state, first, CPU, seed=0, run_id="r", fingerprint="f", model_name="airnet"))
     ckpt = checkpoint.load(path)
     assert ckpt["schedule_step"] == 11 and len(ckpt["lookahead_state_dict"]["slow"]) > 0
     assert "whiten.weight" in ckpt["model_state_dict"]

@@ -107,27 +107,48 @@ def test_early_stopping_ends_training_and_the_best_epoch_is_the_model_everywhere
     assert torch.equal(logged.unwrap_python_model().classifier.logits(images), reference.logits(images))
 
 
-def test_switching_to_the_last_weights_rewrites_the_outputs_in_a_new_run_without_training(stopped, tmp_path):
+def switch_weights(project: Path, weights: str) -> str:
+    set_params(project, **{"evaluate.weights": weights})
+    out = run(["dvc", "repro"], project).stdout
+    assert "Running stage 'train'" in out and "nothing is trained now" in out, out
+    assert not re.search(r"^epoch +\d+/", out, re.M), out  # no epoch trained
+    return out
+
+
+def test_switching_to_the_last_weights_rewrites_the_outputs_in_a_run_of_their_own_without_training(stopped,
+                                                                                                    tmp_path):
     _, done, _ = stopped
     project = shutil.copytree(done, tmp_path / "p", symlinks=True)
-    set_params(project, **{"evaluate.weights": "last"})
-    out = run(["dvc", "repro"], project).stdout
-    assert "Running stage 'train'" in out and "not trained again" in out, out
-    assert not re.search(r"^epoch +\d+/", out, re.M), out  # no epoch trained
+    switch_weights(project, "last")
     weights = weights_file(project)
     assert (weights["weights"], weights["epoch"]) == ("last", STOP)
     assert same_tensors(weights["state_dict"], job_file(project, "last.pt")["model_state_dict"])
     assert json.loads((project / "outputs/metrics.json").read_text())["weights_epoch"] == STOP
 
-    # The first run keeps what it logged (params cannot change); the new one records the last weights,
-    # with the job's history and its own evaluation.
+    # The run that trained keeps what it logged; a run of their own records the last weights, with
+    # the job's history, its own model and evaluation.
     first, second = all_runs(project)
     assert (first.data.params["evaluate.weights"], first.data.tags["weights_epoch"]) == ("best", str(BEST))
     assert (second.data.params["evaluate.weights"], second.data.tags["weights_epoch"]) == ("last", str(STOP))
-    assert second.data.tags["history_from_run"] == first.info.run_id and second.info.status == "FINISHED"
+    assert second.data.tags["reuses_run"] == first.info.run_id and second.info.status == "FINISHED"
+    assert second.data.tags["stopped_early_at"] == str(STOP)
     assert second.data.metrics["test_accuracy"] == json.loads((project / "outputs/metrics.json").read_text())["accuracy"]
+    assert second.data.metrics["model_val_accuracy"] == pd.read_csv(project / "outputs/history.csv")["val_accuracy"].iloc[-1]
     history = client_of(project).get_metric_history(second.info.run_id, "val_accuracy")
     assert sorted(m.step for m in history) == list(range(1, STOP + 1))
+
+
+@pytest.mark.slow  # the default run stays near 10 minutes; `pytest -m slow` runs it
+def test_switching_back_to_the_best_weights_makes_the_first_run_the_record_again(stopped, tmp_path):
+    _, done, _ = stopped
+    project = shutil.copytree(done, tmp_path / "p", symlinks=True)
+    switch_weights(project, "last")
+    switch_weights(project, "best")
+    first, second = all_runs(project)
+    assert (project / "outputs/run_id.txt").read_text().strip() == first.info.run_id
+    assert same_tensors(weights_file(project)["state_dict"], job_file(project, "best.pt")["model_state_dict"])
+    assert (first.data.tags["weights_epoch"], second.data.tags["weights_epoch"]) == (str(BEST), str(STOP))
+    assert first.data.metrics["test_accuracy"] == json.loads((project / "outputs/metrics.json").read_text())["accuracy"]
 
 
 @pytest.mark.parametrize("fault", [

@@ -163,7 +163,7 @@ class EarlyStoppingParams(_Strict):
 class TrainParams(_Strict):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, le=2**64 - 1)  # torch.manual_seed takes at most 64 bits
     device: Literal["auto", "cuda", "mps", "cpu"]
     # Processes per node (torchrun's --nproc_per_node): one per GPU, or several CPU processes with gloo.
     # batch_size stays the batch of all processes together. le=64: no node has more GPUs.
@@ -397,6 +397,21 @@ def recipe_changes(path: str | Path = "params.yaml", recipe: str | None = None) 
     own = flatten(parse_params(read_yaml_text(path.read_text(), str(path)), str(path)))
     effective = flatten(load_params(path, recipe))
     return {k: (own[k], v) for k, v in effective.items() if k != "recipe" and own[k] != v}
+
+
+# Sections whose values in force a recipe can make differ from params.yaml's (see _RECIPE_SECTIONS).
+IN_FORCE_SECTIONS = ("recipe", *_RECIPE_SECTIONS)
+
+
+def params_in_force_text(params: Params) -> str:
+    """The train stage's outputs/params_in_force.yaml: `recipe` and the model, train and evaluate
+    values in force (the recipe applied), as YAML. dvc.yaml lists it as a params file of evaluate,
+    so `dvc exp show` and `dvc params diff` show these values beside params.yaml's, which under a
+    recipe are not the ones that trained (recipes/fast.yaml's batch 256 while params.yaml says 64)."""
+    values = params.model_dump(mode="json", include=set(IN_FORCE_SECTIONS))
+    return ("# Written by the train stage: the values in force (params.yaml with recipes/<recipe>.yaml applied).\n"
+            "# `dvc exp show` / `dvc params diff` list them as outputs/params_in_force.yaml:<key>. Do not edit.\n"
+            + yaml.safe_dump({k: values[k] for k in IN_FORCE_SECTIONS}, sort_keys=False))
 
 
 def flatten(params: Params) -> dict[str, Any]:

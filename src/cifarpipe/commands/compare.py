@@ -3,11 +3,11 @@
     python -m cifarpipe.commands.compare                      # runs of params.yaml's tracking.experiment
     python -m cifarpipe.commands.compare --filter "tags.dvc_experiment = 'lr-3e-3'" --csv runs.csv --png val.png
 
-A row per run: name, DVC experiment, status, the params that differ between the listed runs (only
-those), the validation accuracy of the run's model and the epoch of its weights, the best
-validation accuracy, test accuracy and training seconds; ranked by the model's validation accuracy
-(`--by` another column). Validation picks, the test set confirms: ranking by test accuracy makes
-the test set a selection criterion, so it is an option, not the default.
+A row per run: name, DVC experiment, status, the params (in force) that differ between the listed
+runs (only those), the validation accuracy of the run's model and the epoch of its weights, the
+best validation accuracy, test accuracy and training seconds; ranked by the model's validation
+accuracy (`--by` another column). Validation picks, the test set confirms: ranking by test accuracy
+makes the test set a selection criterion, so it is an option, not the default.
 The table and the plot are built from plain values (`tracking.runs.StoredRun`); only `main` reads the store.
 """
 from __future__ import annotations
@@ -71,15 +71,15 @@ def train_seconds(run: StoredRun) -> float:
 
 def differing_params(runs: Sequence[StoredRun]) -> list[str]:
     """Param names whose value is not the same in every run (absent counts as a value), sorted."""
-    keys = sorted(set().union(*(r.params for r in runs))) if runs else []
-    return [k for k in keys if len({r.params.get(k, _MISSING) for r in runs}) > 1]
+    keys = sorted(set().union(*(r.params_in_force for r in runs))) if runs else []
+    return [k for k in keys if len({r.params_in_force.get(k, _MISSING) for r in runs}) > 1]
 
 
 def build_table(runs: Sequence[StoredRun], by: str = "model_val_accuracy") -> pd.DataFrame:
     """One row per run, ranked by column `by` (one of RANKINGS: best first; runs without a value last)."""
     params = differing_params(runs)
     rows = [{"run": r.name, "run_id": r.run_id[:8], "dvc_experiment": r.tags.get("dvc_experiment", _MISSING),
-             "status": r.status, **{k: r.params.get(k, _MISSING) for k in params},
+             "status": r.status, **{k: r.params_in_force.get(k, _MISSING) for k in params},
              "model_val_accuracy": model_val_accuracy(r), "weights_epoch": weights_epoch(r),
              "best_val_accuracy": best_val_accuracy(r), "test_accuracy": r.metrics.get("test_accuracy", math.nan),
              "train_seconds": train_seconds(r)} for r in runs]
@@ -179,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     experiment = None if args.all_experiments else (args.experiment or _default_experiment(args.params))
-    runs = read_runs(experiment, args.filter, args.max_runs)
+    runs = read_runs(experiment, args.filter, args.max_runs + 1)  # one more: whether any were left out
+    more, runs = len(runs) > args.max_runs, runs[:args.max_runs]
     where = f"experiment {experiment!r}" if experiment else "any experiment"
     if not runs:
         print(f"no runs in {where} of {tracking_uri()}" + (f" matching {args.filter!r}" if args.filter else "")
@@ -190,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(runs)} run{'s' if len(runs) != 1 else ''} of {where} in {tracking_uri()}, ranked by {args.by} "
           f"({what}), {'highest' if higher_first else 'lowest'} first:")
     print(formatted(table).to_string(index=False))
+    if more:
+        print(f"note: only the newest {args.max_runs} matching run(s) are listed; more match (--max-runs N, --filter)",
+              file=sys.stderr)
     if args.csv:
         atomic.write_text(args.csv, table.to_csv(index=False))
         print(f"table -> {args.csv}")

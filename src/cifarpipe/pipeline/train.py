@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic, faults
-from cifarpipe.config import Params, TrainParams, UserError, flatten, load_params, recipe_changes
+from cifarpipe.config import (Params, TrainParams, UserError, flatten, load_params, params_in_force_text,
+                              recipe_changes)
 from cifarpipe.data import archive, split
 from cifarpipe.data.batches import DeviceBatches, EpochBatches, channel_stats, dataloader_batches, whitening_images
 from cifarpipe.pipeline.phases import Phases, timed
@@ -56,6 +57,7 @@ class TrainPaths:
     run_id: Path
     metrics: Path
     tensorboard_dir: Path
+    params_in_force: Path | None = None  # the values in force, for `dvc exp show` (config.params_in_force_text)
 
 
 def main(paths: TrainPaths, params_path: Path, script: str, argv: list[str]) -> int:
@@ -156,7 +158,7 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
             steps_per_epoch, train_batches, val_batches = epoch_batches(data, params, device, group)
             setup = build_setup(data, params, device, group, steps_per_epoch)  # the recipe of params.yaml
             phases.lap("model and batches")
-            state = restored_state(resume, resume_path, setup, params, device, group, steps_per_epoch)
+            state = restored_state(resume, setup, params, device)
         except Exception:
             store_ready.result()  # a store that does not answer is reported first: nothing works without it
             raise
@@ -167,16 +169,12 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
 
     run = None
     if main:  # MLflow, call 1 of 2: open the job's run
-        run_id = run_to_continue(resume, params.evaluate.weights)
         run = job.open_job_run(client, params, job.JobStart(
-            job_dir.name, data.split_hash, engine.device_name(device), resumed=bool(resume), resume_run_id=run_id,
-            history=state.history, n_train=len(data.train_y), n_val=len(data.val_y),
-            history_from_run=resume["mlflow_run_id"] if resume and not run_id else None),
-            Journal(journal_path(paths.run_id)), paths.run_id, paths.tensorboard_dir)
-        print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
-              f"of {len(data.train_y)} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
-              + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
-                 else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
+            job_dir.name, data.split_hash, engine.device_name(device), resumed=bool(resume),
+            resume_run_id=resume["mlflow_run_id"] if resume else None, history=state.history,
+            n_train=len(data.train_y), n_val=len(data.val_y), complete=bool(resume and resume["complete"]),
+            checkpoint=resume_path), Journal(journal_path(paths.run_id)), paths.run_id, paths.tensorboard_dir)
+        say_what_runs(run, state, params, resume_path, steps_per_epoch, len(data.train_y), device, group)
         phases.lap("open run")
 
     prepare_steps(setup, state, p, train_batches, log=print if main else lambda line: None)
@@ -222,36 +220,13 @@ def resume_point(paths: TrainPaths, params: Params, data: TrainingData, group: G
     return job_dir, group.broadcast(resume), resume_path
 
 
-def run_to_continue(resume: dict | None, weights: str) -> str | None:
-    """The checkpoint's MLflow run, to continue; None (a new run) when that run records other
-    weights (evaluate.weights): its params, model and registered version say which, and MLflow
-    params never change. The new run gets the job's history; nothing is trained again."""
-    if not resume:
-        return None
-    recorded = resume["weights"]
-    if recorded == weights:
-        return resume["mlflow_run_id"]
-    print(f"MLflow run {resume['mlflow_run_id']} of this job records evaluate.weights = {recorded}; a new run "
-          f"records the job with {weights} (its {resume['epoch']} trained epochs are not trained again)")
-    return None
-
-
-def restored_state(resume: dict | None, resume_path: Path | None, setup: engine.TrainingSetup, params: Params,
-                   device: torch.device, group: Group, steps_per_epoch: int) -> engine.TrainState:
+def restored_state(resume: dict | None, setup: engine.TrainingSetup, params: Params,
+                   device: torch.device) -> engine.TrainState:
     """Where training starts: the checkpoint's state (model, optimizer, scheduler and generators
     loaded), or the beginning."""
     if not resume:
         return engine.TrainState()
-    p = params.train
-    state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader != "dataloader")
-    if group.is_main and (state.epoch == p.epochs or state.stopped_early):  # trained; outputs or run not complete
-        done = (f"early stopping ended training after epoch {state.epoch} of {p.epochs}" if state.stopped_early
-                else f"all {p.epochs} epochs are trained")
-        print(f"{resume_path}: {done}; completing the outputs and an MLflow run from it (no retraining)")
-    elif group.is_main:
-        print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {state.progress.step} of "
-              f"{steps_per_epoch}" + (f", in {group.world_size} processes" if group.active else ""))
-    return state
+    return checkpoint.restore(resume, setup, device, mid_epoch=params.train.loader != "dataloader")
 
 
 def stopped(state: engine.TrainState, stop: StopRequest, run: job.JobRun | None, job_dir: Path,
@@ -287,13 +262,39 @@ def prepare_steps(setup: engine.TrainingSetup, state: engine.TrainState, p: Trai
     if not state.history and not state.progress.step and setup.init_seconds:
         state.seconds = setup.init_seconds
         log(f"whitening layer computed from the training images in {setup.init_seconds:.3f} s (part of epoch 1's time)")
-    if p.kernel_warmup_steps and state.epoch < p.epochs:
+    if p.kernel_warmup_steps and state.epoch < p.epochs and not state.stopped_early:
         t0 = time.perf_counter()
         x, y = next(iter(train_batches(state.epoch, 0)))
         warm_up(setup.step, x, y, p.kernel_warmup_steps)
         captured = ", then the step captured as a CUDA graph" if getattr(setup.step, "graph", None) else ""
         log(f"kernel warm-up: {p.kernel_warmup_steps} steps, undone{captured}, in {time.perf_counter() - t0:.2f} s "
             "(not part of the epochs' time)")
+
+
+def say_what_runs(run: job.JobRun, state: engine.TrainState, params: Params, resume_path: Path | None,
+                  steps_per_epoch: int, n_train: int, device: torch.device, group: Group) -> None:
+    """Rank 0's account of what this execution does: train, resume, complete a killed job's run, or
+    reuse a finished job's weights in a run of its own (naming the checkpoint it really uses)."""
+    p = params.train
+    trained = state.epoch == p.epochs or state.stopped_early
+    if trained and run.reuses:
+        print(f"{resume_path}: this job (the same params that shape training, data and code) finished in MLflow "
+              f"run {run.reuses}: nothing is trained now. Its weights and history become the outputs, recorded in "
+              f"MLflow run {run.run_id}, this execution's (tag reuses_run). To train again, move {resume_path.parent} "
+              "away.")
+        return
+    if trained:  # killed after its last epoch, before its outputs and run were complete
+        done = (f"early stopping ended training after epoch {state.epoch} of {p.epochs}" if state.stopped_early
+                else f"all {p.epochs} epochs are trained")
+        print(f"{resume_path}: {done}; completing the outputs and MLflow run {run.run_id} from it (no retraining)")
+        return
+    if resume_path:
+        print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {state.progress.step} of "
+              f"{steps_per_epoch}" + (f", in {group.world_size} processes" if group.active else ""))
+    print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
+          f"of {n_train} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
+          + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
+             else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
 
 
 def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, setup: engine.TrainingSetup,
@@ -309,7 +310,10 @@ def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, s
     atomic.write_text(paths.history, pd.DataFrame(state.history).to_csv(index=False))
     summary = training_summary(state, params, epoch)
     atomic.write_text(paths.metrics, json.dumps(summary, indent=2) + "\n")
-    record.save_checkpoint(state, complete=True)
+    if paths.params_in_force:
+        atomic.write_text(paths.params_in_force, params_in_force_text(params))
+    if not run.reuses:  # a reused job's checkpoint stays its own: complete, naming the run that trained it
+        record.save_checkpoint(state, complete=True)
     faults.hit("finish", state.epoch)
     phases.lap("outputs")
     tags = {"weights": params.evaluate.weights, "weights_epoch": str(epoch), "epochs_trained": str(state.epoch)}
@@ -353,8 +357,7 @@ class EpochRecord:
     def save_checkpoint(self, state: engine.TrainState, complete: bool = False, path: Path | None = None) -> None:
         checkpoint.save(path or self.last, checkpoint.build(
             state, self.setup, self.device, seed=self.params.train.seed, run_id=self.run.run_id,
-            weights=self.params.evaluate.weights, fingerprint=self.job_dir.name, model_name=self.params.model.name,
-            complete=complete))
+            fingerprint=self.job_dir.name, model_name=self.params.model.name, complete=complete))
 
     def epoch(self, state: engine.TrainState, improved: bool) -> None:
         if improved:  # best first: a kill between the two writes then just redoes this epoch

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from cifarpipe import atomic
 from cifarpipe.config import UserError
 from cifarpipe.tracking import datasets, model, registry
+from cifarpipe.tracking.in_force import params_in_force
 from cifarpipe.tracking.store import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL, is_not_found, is_refusal,
                                       short_error, uri_of)
 
@@ -53,6 +54,8 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.errors: dict[str, str] = {}  # run id -> the error that stopped its last delivery
+        # What the last delivery dropped for good: (item, why). A caller must not report those as logged.
+        self.dropped: list[tuple[dict[str, Any], str]] = []
         try:
             self.items: list[dict[str, Any]] = json.loads(self.path.read_text())["items"]
         except FileNotFoundError:
@@ -122,7 +125,7 @@ def deliver(client: MlflowClient, journal: Journal, runs: set[str] | None = None
     "no such run" drops the run's items; a refusal (4xx) or a file changed since drops the item;
     anything else (an outage) keeps it for the next delivery. Every step is idempotent.
     """
-    journal.errors = {}
+    journal.errors, journal.dropped = {}, []
     store, dropped = uri_of(client), set()
     for item in list(journal.items):
         run_id = item["run_id"]
@@ -133,10 +136,13 @@ def deliver(client: MlflowClient, journal: Journal, runs: set[str] | None = None
         except Exception as e:
             if is_not_found(e):
                 dropped.add(run_id)
+                gone = [it for it in journal.items if it["run_id"] == run_id]
+                journal.dropped += [(it, f"run {run_id} is not in {store}") for it in gone]
                 print(f"warning: MLflow run {run_id} is not in {store} any more; dropping what was pending "
-                      f"for it ({item['kind']} ...)", file=sys.stderr)
+                      f"for it ({', '.join(it['kind'] for it in gone)})", file=sys.stderr)
                 journal.remove(lambda it: it["run_id"] == run_id)
             elif isinstance(e, Undeliverable) or is_refusal(e):
+                journal.dropped.append((item, short_error(e)))
                 print(f"warning: not delivered to MLflow run {run_id}, dropped: {item['kind']} "
                       f"{item.get('path') or item.get('weights') or ''} ({short_error(e)})", file=sys.stderr)
                 journal.remove(lambda it: it is item)
@@ -179,6 +185,15 @@ def _example(item: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(item["example"]), dtype=np.uint8).reshape(item["shape"]).copy()
 
 
+def is_deleted(client: MlflowClient, run_id: str) -> bool:
+    """Whether the store holds `run_id` as deleted (in the UI's bin; `mlflow runs restore` brings it
+    back). False when it is active, missing or the store does not answer: delivery tells those apart."""
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "deleted"
+    except Exception:
+        return False
+
+
 def abandon(client: MlflowClient, run_id: str, why: str) -> None:
     """Mark a RUNNING run that nobody will continue KILLED, with the reason as tag `abandoned`."""
     if client.get_run(run_id).info.status == "RUNNING":
@@ -208,15 +223,18 @@ def evaluation_params_key(params: dict[str, str]) -> str:
 
 
 def _deliver_evaluation(client: MlflowClient, item: dict[str, Any]) -> None:
-    """Test metrics and evaluation artifacts into the training run if it was logged with the same
-    `evaluate.*` params; else into a run of its own, nested under the training run
+    """Test metrics and evaluation artifacts into the training run if its `evaluate.*` params in force
+    are the same; else into a run of its own, nested under the training run
     (mlflow.parentRunId) with every current param, so no run's params contradict its metrics."""
     for art in item["artifacts"]:
         _check_unchanged(art)
     train_id, params = item["run_id"], item["params"]
     run = client.get_run(train_id)
     current = {k: v for k, v in params.items() if k.startswith("evaluate.")}
-    logged = {k: v for k, v in run.data.params.items() if k.startswith("evaluate.")}
+    # The training run's values in force: a job resumed with evaluate.batch_size changed (after an
+    # out-of-memory error in validation) validated its last epochs with the new value; its run's
+    # params keep the first (see tracking.in_force), and its evaluation belongs in it.
+    logged = {k: v for k, v in params_in_force(run.data.params, run.data.tags).items() if k.startswith("evaluate.")}
     target = train_id
     if logged and logged != current:
         key = evaluation_params_key(params)
@@ -243,6 +261,9 @@ def _deliver_evaluation(client: MlflowClient, item: dict[str, Any]) -> None:
     model_name = params.get("tracking.registered_model", "")
     model_uri = model.logged_model_uri(client, train_id) if model_name and target == train_id else None
     if model_uri:  # a version's test accuracy is its own training run's evaluation, never another's
-        registry.register_model_version(client, model_name, train_id, model_uri)  # once per run; here if train's was pending
-        registry.tag_model_versions(client, model_name, train_id, {"test_accuracy": round(item["metrics"]["test_accuracy"], 4)})
+        # strict: a failure keeps the item pending (or, refused, reports it dropped), never "logged"
+        registry.register_model_version(client, model_name, train_id, model_uri, strict=True)  # once per run
+        item["versions"] = registry.tag_model_versions(
+            client, model_name, train_id, {"test_accuracy": round(item["metrics"]["test_accuracy"], 4)}, strict=True)
     client.set_terminated(target, "FINISHED")
+    item["delivered_to"] = target  # what the evaluate stage reports

@@ -6,10 +6,11 @@ Keys (the course's first): epoch, model_state_dict, optimizer_state_dict, schedu
 then step (optimizer steps into the unfinished epoch, 0 at an epoch boundary), epoch_progress
 (that epoch's running sums), epoch_seconds_so_far, history (one dict of metrics per finished
 epoch), best_val_accuracy, rng (torch CPU and CUDA generator states), data_rng_seed,
-mlflow_run_id, weights (the evaluate.weights that run records), fingerprint, complete (True once
-training is done and the final outputs are about to be written), epochs_without_improvement,
-early_stopping_best and stopped_early (early stopping's counter), model_name, schedule_step (optimizer steps of the whole training so far: where
-the per-step rates and Lookahead continue) and lookahead_state_dict (its slow weights; {} without).
+mlflow_run_id, fingerprint, complete (True once training is done and the final outputs are about
+to be written), epochs_without_improvement, early_stopping_best and stopped_early (early
+stopping's counter), model_name, schedule_step (optimizer steps of the whole training so far:
+where the per-step rates and Lookahead continue) and lookahead_state_dict (its slow weights; {}
+without).
 airnet's whitening filters are weights of the model, in model_state_dict; the per-step rate tensors
 are in optimizer_state_dict's groups and re-linked to the rate table on restore.
 
@@ -72,7 +73,7 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def build(state: TrainState, setup: TrainingSetup, device: torch.device, *, seed: int, run_id: str, weights: str,
+def build(state: TrainState, setup: TrainingSetup, device: torch.device, *, seed: int, run_id: str,
           fingerprint: str, model_name: str, complete: bool = False) -> dict[str, Any]:
     """The checkpoint of `state`: the course's dict plus what an exact resume needs."""
     return {"epoch": state.epoch, "model_state_dict": setup.model.state_dict(),
@@ -86,7 +87,7 @@ def build(state: TrainState, setup: TrainingSetup, device: torch.device, *, seed
             # Data order and augmentation of epoch e are drawn from a generator seeded with
             # batches.epoch_seed(train.seed, e): this seed regenerates the whole stream of any epoch.
             "data_rng_seed": seed,
-            "mlflow_run_id": run_id, "weights": weights, "fingerprint": fingerprint, "complete": complete,
+            "mlflow_run_id": run_id, "fingerprint": fingerprint, "complete": complete,
             "epochs_without_improvement": state.epochs_without_improvement,
             "early_stopping_best": state.early_stopping_best, "stopped_early": state.stopped_early,
             "model_name": model_name,
@@ -151,7 +152,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
 
 # What every checkpoint of the train stage holds; a file without them is no resume point.
 _RESUME_KEYS = ("epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "step", "epoch_progress",
-                "history", "best_val_accuracy", "rng", "mlflow_run_id", "weights", "complete",
+                "history", "best_val_accuracy", "rng", "mlflow_run_id", "complete",
                 "epochs_without_improvement", "early_stopping_best", "stopped_early")
 
 
