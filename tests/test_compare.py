@@ -1,6 +1,7 @@
 """Comparing runs: the compare command over a real store, the mistakes grid, TensorBoard event files."""
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -213,3 +214,26 @@ def test_tensorboard_rewrite_replaces_earlier_epochs(tmp_path):
     assert got["train_loss"] == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert [s for s, _ in got["images_per_second"]] == [1, 2, 3]
     assert sorted(p.name for p in folder.iterdir()) == [tensorboard.TENSORBOARD_FILE]
+
+
+def test_dvc_plots_number_epochs_whole_and_draw_the_rate_on_a_log_scale(tracked):
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], tracked).stdout)
+    assert not shown.get("errors"), shown["errors"]
+    specs = {plot_id: chart["content"] for plot_id, (chart,) in shown["data"].items()}
+
+    def x_axes(node):  # every x encoding of the spec, layers included
+        if isinstance(node, dict):
+            if isinstance(node.get("x"), dict) and node["x"].get("field") == "epoch":
+                yield node["x"]
+            for value in node.values():
+                yield from x_axes(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from x_axes(value)
+
+    for plot_id in ("loss", "accuracy", "learning_rate"):
+        axes = list(x_axes(specs[plot_id]))
+        assert axes and all(a.get("axis") == {"format": "d", "tickMinStep": 1} for a in axes), (plot_id, axes)
+    y = specs["learning_rate"]["encoding"]["y"]
+    assert y["scale"]["type"] == "log" and y["axis"]["format"] == "~e" and y["field"] == "lr"
+    assert all(float(v["lr"]) > 0 for v in specs["learning_rate"]["data"]["values"])  # a log scale has no 0
