@@ -99,7 +99,8 @@ def test_early_stopping_ends_training_and_the_best_epoch_is_the_model_everywhere
         ("best", str(BEST), str(STOP), str(STOP))
     assert r.data.metrics["model_val_accuracy"] == accuracy[BEST - 1]
     assert r.data.metrics["test_accuracy"] == metrics["accuracy"]
-    assert [m.step for m in client_of(done).get_metric_history(r.info.run_id, "val_accuracy")] == list(range(1, STOP + 1))
+    steps = [m.step for m in client_of(done).get_metric_history(r.info.run_id, "val_accuracy")]
+    assert steps == list(range(1, STOP + 1))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{done / 'mlflow.db'}")
     logged = mlflow.pyfunc.load_model(f"runs:/{r.info.run_id}/model", dst_path=str(done / "m"))
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
@@ -132,7 +133,8 @@ def test_switching_to_the_last_weights_rewrites_the_outputs_in_a_run_of_their_ow
     assert (second.data.params["evaluate.weights"], second.data.tags["weights_epoch"]) == ("last", str(STOP))
     assert second.data.tags["reuses_run"] == first.info.run_id and second.info.status == "FINISHED"
     assert second.data.tags["stopped_early_at"] == str(STOP)
-    assert second.data.metrics["test_accuracy"] == json.loads((project / "outputs/metrics.json").read_text())["accuracy"]
+    metrics = json.loads((project / "outputs/metrics.json").read_text())
+    assert second.data.metrics["test_accuracy"] == metrics["accuracy"]
     assert second.data.metrics["model_val_accuracy"] == pd.read_csv(project / "outputs/history.csv")["val_accuracy"].iloc[-1]
     history = client_of(project).get_metric_history(second.info.run_id, "val_accuracy")
     assert sorted(m.step for m in history) == list(range(1, STOP + 1))

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 FIXED_BEFORE = ["run", "run_id", "dvc_experiment", "status"]
 FIXED_AFTER = ["model_val_accuracy", "weights_epoch", "best_val_accuracy", "test_accuracy", "train_seconds"]
 # What --by can rank by: (what the column is, True when higher is better).
-RANKINGS = {"model_val_accuracy": ("the validation accuracy of each run's model, the weights of its weights_epoch", True),
+RANKINGS = {"model_val_accuracy": ("the validation accuracy of each run's model, the weights of its weights_epoch",
+                                   True),
             "best_val_accuracy": ("each run's highest validation accuracy over its epochs", True),
             "test_accuracy": ("test accuracy", True),
             "train_seconds": ("training seconds", False)}

@@ -341,7 +341,8 @@ def training_summary(state: engine.TrainState, params: Params, weights_epoch: in
     best = max(history, key=lambda row: row["val_accuracy"])
     return {"best_val_accuracy": best["val_accuracy"], "best_epoch": int(best["epoch"]),
             "model_val_accuracy": history[weights_epoch - 1]["val_accuracy"], "weights_epoch": weights_epoch,
-            "epochs_trained": len(history), "epochs_requested": params.train.epochs, "stopped_early": state.stopped_early,
+            "epochs_trained": len(history), "epochs_requested": params.train.epochs,
+            "stopped_early": state.stopped_early,
             "train_seconds": round(sum(row["epoch_seconds"] for row in history), 1)}
 
 

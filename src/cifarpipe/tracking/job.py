@@ -40,7 +40,7 @@ class JobStart:
     history: list[dict[str, float]] = field(default_factory=list)  # the checkpoint's epochs
     n_train: int = 0
     n_val: int = 0
-    complete: bool = False  # the checkpoint is of a finished training (all epochs or early-stopped, outputs written)
+    complete: bool = False  # the checkpoint is of a finished training (all epochs or stopped early; outputs written)
     checkpoint: Path | None = None  # the checkpoint file it resumes from
 
 

@@ -1,9 +1,9 @@
 """The journal of pending deliveries: what a stage could not deliver to the store yet.
 
 Metric values, tags, artifact files, the model to log from the weights file, a terminal status, a
-run to mark KILLED, an evaluation: each is an item of one atomic JSON file, `mlflow_pending.json` beside
-the run-id file (outputs/), delivered by the next stage that reaches the store (train at its start
-and end, evaluate at its start). Each delivery is idempotent (metrics already in the run, a model
+run to mark KILLED, an evaluation: each is an item of one atomic JSON file, `mlflow_pending.json`
+beside the run-id file (outputs/), delivered by the next stage that reaches the store (train at its
+start and end, evaluate at its start). Each delivery is idempotent (metrics already in the run, a model
 the run already has, are skipped), so an item whose answer was lost is delivered again safely.
 Only a definite "no such run" from the store drops a run's items; any other error (a 5xx, a
 timeout) keeps them for the next delivery.
