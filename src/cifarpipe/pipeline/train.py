@@ -415,6 +415,6 @@ class StageHooks(engine.LoopHooks):
               f"{row['val_loss']:.4f}  val acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  "
               f"{row['epoch_seconds']:6.1f} s  {row['images_per_second']:8.0f} img/s", flush=True)
         if state.stopped_early:
-            print(f"early stopping: no improvement in validation accuracy for {state.epochs_without_improvement} "
-                  f"epochs (train.early_stopping): training stops after epoch {state.epoch} of {self.epochs}",
-                  flush=True)
+            n = state.epochs_without_improvement
+            print(f"early stopping: no improvement in validation accuracy for {n} epoch{'s' if n != 1 else ''} "
+                  f"(train.early_stopping): training stops after epoch {state.epoch} of {self.epochs}", flush=True)
