@@ -57,11 +57,16 @@ class DataParams(_Strict):
         return v
 
 
+# torch's CPU generator (initial weights, batch orders) keeps a seed's low 32 bits: seed 2**32 + s
+# would train exactly as s, recorded under another seed. torch itself takes up to 2**64 - 1.
+SEED_MAX = 2**32 - 1
+
+
 class SplitParams(_Strict):
     # course: the indices of the course's torch random_split call; hash: sha256 order (see split.py)
     method: Literal["course", "hash"]
     val_fraction: float = Field(gt=0, lt=1)
-    seed: int = Field(ge=0, le=2**64 - 1)  # torch.Generator.manual_seed takes at most 64 bits
+    seed: int = Field(ge=0, le=SEED_MAX)  # method course seeds a torch generator (see SEED_MAX)
 
 
 class ModelParams(_Strict):
@@ -163,7 +168,7 @@ class EarlyStoppingParams(_Strict):
 class TrainParams(_Strict):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
-    seed: int = Field(ge=0, le=2**64 - 1)  # torch.manual_seed takes at most 64 bits
+    seed: int = Field(ge=0, le=SEED_MAX)
     device: Literal["auto", "cuda", "mps", "cpu"]
     # Processes per node (torchrun's --nproc_per_node): one per GPU, or several CPU processes with gloo.
     # batch_size stays the batch of all processes together. le=64: no node has more GPUs.
