@@ -113,7 +113,10 @@ def test_the_first_version_is_the_champion_with_its_validation_accuracy(trained)
     _, client, runs = trained
     [mv] = client.search_model_versions(f"name = '{MODEL}'")
     mv = client.get_model_version(MODEL, mv.version)
-    val = val_history(client, runs[0])[-1][1]  # the registered weights are the last epoch's
+    r = client.get_run(runs[0])
+    weights_epoch = int(r.data.tags["weights_epoch"])  # evaluate.weights' epoch: what was registered
+    val = dict(val_history(client, runs[0]))[weights_epoch]
+    assert val == r.data.metrics["model_val_accuracy"]
     assert mv.run_id == runs[0] and float(mv.tags["val_accuracy"]) == pytest.approx(val, abs=1e-4)
     assert client.get_registered_model(MODEL).aliases == {"champion": int(mv.version)}
     assert mv.tags["champion_rule"] == f"@champion -> version {mv.version} (validation accuracy " \
@@ -147,7 +150,9 @@ def test_the_model_card_is_the_version_description_and_an_artifact_of_the_run_an
     history = val_history(client, run_id)
     best = max(history, key=lambda sv: sv[1])
     assert f"Best validation accuracy {best[1]:.4f}, at epoch {best[0]}" in card
-    assert f"epoch {EPOCHS}: validation accuracy {history[-1][1]:.4f}" in card
+    weights_epoch = int(client.get_run(run_id).data.tags["weights_epoch"])
+    assert f"This model holds the weights of epoch {weights_epoch} (evaluate.weights `best`): validation " \
+           f"accuracy {dict(history)[weights_epoch]:.4f}" in card
     assert f'models:/{MODEL}@champion' in card and "32x32 RGB images into the 10 CIFAR-10 classes" in card
 
 
@@ -285,18 +290,22 @@ def test_the_card_says_what_is_known_and_nothing_else():
     assert "Not evaluated yet" in text and "| class |" not in text
     assert "into the 2 CIFAR-10 classes: `cat`, `dog`." in text
     assert "| training | 9 | `d1` |" in text and "| test |" not in text
-    assert "Best validation accuracy 0.7500, at epoch 2" in text and "epoch 2: validation accuracy 0.7500" in text
+    assert "Best validation accuracy 0.7500, at epoch 2" in text
+    assert "2 epochs trained. This model holds the weights of epoch 2: validation accuracy 0.7500" in text
     assert "| `recipe` | `fast` |" in text and "`tracking.experiment`" not in text  # the training's params only
     assert "with uncommitted code changes" in text and "method `hash`, seed 7" in text
     done = model_card.render(card_facts(
         registered="cifar10-classifier version 4", sizes={"training": 9, "validation": 1, "test": 2},
-        test={"test_accuracy": 0.5, "test_loss": 0.7},
+        test={"test_accuracy": 0.5, "test_loss": 0.7}, validation=[(1, 0.8, 1.0), (2, 0.75, 0.9)],
+        tags={"weights": "best", "weights_epoch": "1", "stopped_early_at": "2", "mlflow.source.git.commit": "c" * 40},
         per_class=[{"class": "cat", "support": 1, "correct": 1, "accuracy": 1.0, "precision": 0.5},
                    {"class": "dog", "support": 1, "correct": 0, "accuracy": 0.0, "precision": 0.0}]))
     assert done.startswith("# Model card: cifar10-classifier version 4\n")
     assert 'mlflow.pyfunc.load_model("models:/cifar10-classifier@champion")' in done
     assert "Test accuracy **0.5000**, loss 0.7000, on 2 images." in done and "Not evaluated" not in done
     assert "| dog | 1 | 0 | 0.000 | 0.000 |" in done and "Weakest class: `dog` (0.000)." in done
+    assert "2 epochs trained, stopped early at epoch 2. This model holds the weights of epoch 1 (evaluate.weights " \
+           "`best`): validation accuracy 0.8000, loss 1.0000." in done
 
 
 @pytest.mark.slow  # a second training (about a minute on 2 cores); the rule's cases run in the default set above
@@ -309,7 +318,8 @@ def test_a_second_run_takes_the_champion_only_with_a_higher_validation_accuracy(
                 for mv in client.search_model_versions(f"name = '{MODEL}'")}
     first, new = versions[runs[0]], versions[second]
     assert (str(first.version), str(new.version)) == ("1", "2")
-    assert float(new.tags["val_accuracy"]) == pytest.approx(val_history(client, second)[-1][1], abs=1e-4)
+    assert float(new.tags["val_accuracy"]) == pytest.approx(client.get_run(second).data.metrics["model_val_accuracy"],
+                                                           abs=1e-4)
     higher = float(new.tags["val_accuracy"]) > float(first.tags["val_accuracy"])
     assert client.get_registered_model(MODEL).aliases == {"champion": 2 if higher else 1}
     assert new.tags["champion_rule"].startswith("@champion -> version 2" if higher else "@champion stays on version 1")

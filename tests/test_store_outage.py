@@ -226,8 +226,8 @@ def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project,
     assert len(errors) == 1 and "unreachable" in errors[0] and "pending in" in errors[0] and "dvc repro" in errors[0]
     items = json.loads(pending.read_text())["items"]
     kinds = [(it["kind"], Path(it.get("path") or it.get("weights") or ".").name) for it in items]
-    assert kinds == [("checkpoints", ""), ("artifact", "history.csv"), ("metrics", ""), ("model", "model.pt"),
-                     ("status", ""), ("evaluation", "")], kinds
+    assert kinds == [("checkpoints", ""), ("artifact", "history.csv"), ("metrics", ""), ("tags", ""),
+                     ("model", "model.pt"), ("status", ""), ("evaluation", "")], kinds
     # the epochs' metrics and checkpoint models landed while training; the files for the best and
     # last epochs' models wait, pinned like any artifact
     files = items[0]["files"]
@@ -242,6 +242,7 @@ def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project,
     assert not pending.exists()
     [r] = all_runs(client)
     assert r.info.run_id == run_id and r.info.status == "FINISHED"
+    assert (r.data.tags["weights"], r.data.tags["weights_epoch"]) == ("best", str(metrics["weights_epoch"]))
     assert [m.value for m in client.get_metric_history(run_id, "test_accuracy")] == [metrics["accuracy"]]
     assert len(client.get_metric_history(run_id, "test_loss")) == 1
     for key in EPOCH_METRICS:

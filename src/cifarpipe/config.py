@@ -57,11 +57,16 @@ class DataParams(_Strict):
         return v
 
 
+# torch's CPU generator (initial weights, batch orders) keeps a seed's low 32 bits: seed 2**32 + s
+# would train exactly as s, recorded under another seed. torch itself takes up to 2**64 - 1.
+SEED_MAX = 2**32 - 1
+
+
 class SplitParams(_Strict):
     # course: the indices of the course's torch random_split call; hash: sha256 order (see split.py)
     method: Literal["course", "hash"]
     val_fraction: float = Field(gt=0, lt=1)
-    seed: int = Field(ge=0, le=2**64 - 1)  # torch.Generator.manual_seed takes at most 64 bits
+    seed: int = Field(ge=0, le=SEED_MAX)  # method course seeds a torch generator (see SEED_MAX)
 
 
 class ModelParams(_Strict):
@@ -153,10 +158,17 @@ class LookaheadParams(_Strict):
     power: float = Field(ge=0, default=3.0)
 
 
+class EarlyStoppingParams(_Strict):
+    # Lightning's EarlyStopping on validation accuracy: an epoch improves when it beats the best
+    # improving epoch so far by more than min_delta; `patience` epochs in a row without one stop training.
+    patience: int = Field(ge=0, default=0)  # 0: off
+    min_delta: float = Field(ge=0, lt=1, default=0.0)  # accuracy, 0..1 units
+
+
 class TrainParams(_Strict):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
-    seed: int = Field(ge=0, le=2**64 - 1)  # torch.manual_seed takes at most 64 bits
+    seed: int = Field(ge=0, le=SEED_MAX)
     device: Literal["auto", "cuda", "mps", "cpu"]
     # Processes per node (torchrun's --nproc_per_node): one per GPU, or several CPU processes with gloo.
     # batch_size stays the batch of all processes together. le=64: no node has more GPUs.
@@ -178,6 +190,7 @@ class TrainParams(_Strict):
     # the graph's capture) are paid there, outside the epochs' time.
     kernel_warmup_steps: int = Field(ge=0, le=100, default=0)
     cuda_graph: bool = False  # replay the training step as one CUDA graph (elsewhere: the same static-buffer step)
+    early_stopping: EarlyStoppingParams = EarlyStoppingParams()
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainParams:
@@ -217,6 +230,9 @@ class TrainParams(_Strict):
 class EvaluateParams(_Strict):
     batch_size: int = Field(ge=1)
     tta_flip: bool  # average the logits of each image and its mirror
+    # The weights outputs/model.pt holds, evaluate scores and MLflow logs: the epoch of the highest
+    # validation accuracy (best) or the last epoch trained (last).
+    weights: Literal["best", "last"] = "best"
 
 
 # A registered model's name becomes part of `models:/<name>/<version>` URIs and, in a file

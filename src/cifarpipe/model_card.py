@@ -39,7 +39,7 @@ def render(f: CardFacts) -> str:
     lines += ["", "## Intended use and limits", "", *_scope(f.classes)]
     lines += ["", "## Input and output", "", *_interface(f.registered)]
     lines += ["", "## Data", "", *_data(f)]
-    lines += ["", "## Validation", "", *_validation(f.validation)]
+    lines += ["", "## Validation", "", *_validation(f.validation, f.tags)]
     lines += ["", "## Test", "", *_test(f)]
     lines += ["", "## Parameters in force", "", "| param | value |", "|---|---|"]
     lines += [f"| `{k}` | `{v}` |" for k, v in sorted(p.items()) if k == "recipe" or k.startswith(_PARAM_SECTIONS)]
@@ -85,13 +85,17 @@ def _data(f: CardFacts) -> list[str]:
     return out
 
 
-def _validation(rows: list[tuple[int, float, float]]) -> list[str]:
+def _validation(rows: list[tuple[int, float, float]], tags: dict[str, str]) -> list[str]:
     if not rows:
         return ["No epoch was logged."]
     best = max(rows, key=lambda r: r[1])
-    last = rows[-1]
-    return [f"- {len(rows)} epochs. This model holds the weights after the last, epoch {last[0]}: validation "
-            f"accuracy {last[1]:.4f}, loss {last[2]:.4f}.",
+    # the run's tags say which weights the model holds (evaluate.weights); without them, the last epoch's
+    epoch = int(tags.get("weights_epoch", rows[-1][0]))
+    held = next((r for r in rows if r[0] == epoch), rows[-1])
+    which = f" (evaluate.weights `{tags['weights']}`)" if "weights" in tags else ""
+    stopped = f", stopped early at epoch {tags['stopped_early_at']}" if "stopped_early_at" in tags else ""
+    return [f"- {len(rows)} epochs trained{stopped}. This model holds the weights of epoch {held[0]}{which}: "
+            f"validation accuracy {held[1]:.4f}, loss {held[2]:.4f}.",
             f"- Best validation accuracy {best[1]:.4f}, at epoch {best[0]} (the run's checkpoint models hold "
             "that epoch's file)."]
 

@@ -81,6 +81,10 @@ def evaluate_test_set(paths: EvaluatePaths, params: Params, device: torch.device
         weights = checkpoint.load(paths.weights)
     except FileNotFoundError:
         raise UserError(f"{paths.weights}: not found; run the train stage first") from None
+    if weights.get("weights", params.evaluate.weights) != params.evaluate.weights:  # the train stage decides
+        raise UserError(f"{paths.weights} holds the {weights['weights']} weights, params.yaml asks for "
+                        f"evaluate.weights = {params.evaluate.weights}: run the train stage (`dvc repro`), which "
+                        "writes them from the job's checkpoints")
     model_params = ModelParams(**weights["model"])
     model = build_model(model_params).to(device)
     model.load_state_dict(weights["state_dict"])
@@ -101,6 +105,7 @@ def write_reports(paths: EvaluatePaths, weights: dict, test_x: np.ndarray, test_
     cm = report.confusion_matrix(test_y, result.predictions, len(classes))
     table = report.per_class_table(cm, classes)
     metrics = {"accuracy": result.accuracy, "loss": result.loss, "n_test": int(len(test_y)),
+               "weights_epoch": weights.get("epoch"),  # None: a weights file that does not say
                "per_class_accuracy": dict(zip(classes, table["accuracy"].round(4).tolist()))}
     atomic.write_text(paths.metrics, json.dumps(metrics, indent=2) + "\n")
     report.write_csv(table, paths.per_class)
@@ -115,7 +120,8 @@ def write_reports(paths: EvaluatePaths, weights: dict, test_x: np.ndarray, test_
                         f"{name}: the most confidently misclassified test images ({wrong} of {len(test_y)} wrong)")
     phases.lap("pictures")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"test accuracy {result.accuracy:.4f}, test loss {result.loss:.4f} -> {paths.metrics}")
+    which = f" of the {weights['weights']} weights (epoch {weights['epoch']})" if "epoch" in weights else ""
+    print(f"test accuracy{which} {result.accuracy:.4f}, test loss {result.loss:.4f} -> {paths.metrics}")
     return table.to_dict("records")
 
 

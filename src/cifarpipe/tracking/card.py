@@ -18,14 +18,16 @@ from mlflow.tracking import MlflowClient
 
 from cifarpipe import model_card
 from cifarpipe.tracking import registry
+from cifarpipe.tracking.in_force import params_in_force
 
 CARD_FILE = "model_card.md"
 
 
 def facts(client: MlflowClient, run_id: str, classes: list[str], evaluation: dict[str, Any] | None = None,
           registered: str | None = None) -> model_card.CardFacts:
-    """The card's facts from run `run_id`'s record (params, tags, dataset inputs, per-epoch validation
-    metrics) and `evaluation` (test_accuracy, test_loss, n_test, per_class rows), if there is one."""
+    """The card's facts from run `run_id`'s record (params in force, tags, dataset inputs, per-epoch
+    validation metrics) and `evaluation` (test_accuracy, test_loss, n_test, per_class rows), if
+    there is one."""
     run = client.get_run(run_id)
     sizes, digests = {}, {}
     for inp in run.inputs.dataset_inputs:
@@ -45,7 +47,8 @@ def facts(client: MlflowClient, run_id: str, classes: list[str], evaluation: dic
         if evaluation.get("n_test"):
             sizes["test"] = int(evaluation["n_test"])
     return model_card.CardFacts(
-        run_id=run_id, run_name=run.info.run_name or run_id[:8], params=dict(run.data.params), tags=dict(run.data.tags),
+        run_id=run_id, run_name=run.info.run_name or run_id[:8], tags=dict(run.data.tags),
+        params=params_in_force(dict(run.data.params), dict(run.data.tags)),  # a continued run's changed params too
         classes=classes, sizes={k: v for k, v in sizes.items() if v}, digests=digests, validation=validation,
         test=test, per_class=(evaluation or {}).get("per_class"), registered=registered)
 
@@ -59,7 +62,8 @@ def publish(client: MlflowClient, run_id: str, model_uri: str, registered_model:
     publishes the card again, with the test results."""
     version = None
     if registered_model:
-        val = client.get_run(run_id).data.metrics.get("val_accuracy")  # the last epoch's: the registered weights'
+        metrics = client.get_run(run_id).data.metrics  # the registered weights' (evaluate.weights), else the last epoch's
+        val = metrics.get("model_val_accuracy", metrics.get("val_accuracy"))
         version = registry.register_model_version(
             client, registered_model, run_id, model_uri, strict=strict,
             tags={registry.VAL_ACCURACY_TAG: round(val, 4)} if val is not None else None)

@@ -41,7 +41,7 @@ class JobStart:
     history: list[dict[str, float]] = field(default_factory=list)  # the checkpoint's epochs
     n_train: int = 0
     n_val: int = 0
-    complete: bool = False  # the checkpoint is of a finished training (all epochs, outputs written)
+    complete: bool = False  # the checkpoint is of a finished training (all epochs or stopped early; outputs written)
     checkpoint: Path | None = None  # the checkpoint file it resumes from
     job_dir: Path | None = None  # the job's checkpoint folder (where files wait for their upload)
 
@@ -79,13 +79,14 @@ class JobRun:
         self.logger.finish(status)
 
     def close(self, *, checkpoint_files: dict[int, Path], history: list[dict[str, float]], history_file: Path,
-              weights: Path, example: np.ndarray, registered_model: str,
-              metrics: dict[str, float] | None = None) -> str:
+              weights: Path, weights_epoch: int, example: np.ndarray, registered_model: str,
+              metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> str:
         """Deliver a finished training's record: queued metrics and checkpoint models, the files of
-        `checkpoint_files` (epoch -> file: the best and the last epoch's) into their models (every other
-        model's file removed), the history as an artifact, `metrics` (step 0: the stage's phase
-        timings), the model (logged from the weights file), then status FINISHED, last; register
-        the model as a version of `registered_model` ("" = off).
+        `checkpoint_files` (epoch -> file: the best and the last epoch's) into their models (every
+        other model's file removed), the history as an artifact, `metrics` (step 0: the stage's
+        phase timings), `tags` (which weights, where training stopped), the model (logged from the
+        weights file, linked at `weights_epoch`: the epoch of those weights), then status FINISHED,
+        last; register the model as a version of `registered_model` ("" = off).
 
         Everything goes through the journal: what the store does not take stays there and is
         delivered by evaluate or the next `dvc repro`; the stage still succeeds, since its outputs
@@ -105,7 +106,9 @@ class JobRun:
             journal.add_artifact(self.run_id, self.tb_dir / tensorboard.TENSORBOARD_FILE, f"tensorboard/{self.tb_dir.name}")
         if metrics:
             journal.add_metrics(self.run_id, metrics)
-        journal.add_model(self.run_id, weights, example, step=int(history[-1]["epoch"]))  # the last epoch's
+        if tags:
+            journal.add_tags(self.run_id, tags)
+        journal.add_model(self.run_id, weights, example, step=weights_epoch)
         logger.finish("FINISHED")  # journals the status after the rest and delivers this run's items
         left = [it for it in journal.items if it["run_id"] == self.run_id]
         if left:

@@ -1,9 +1,9 @@
 """The journal of pending deliveries: what a stage could not deliver to the store yet.
 
-Metric values, artifact files, the model to log from the weights file, a terminal status, a run to
-mark KILLED, an evaluation: each is an item of one atomic JSON file, `mlflow_pending.json` beside
-the run-id file (outputs/), delivered by the next stage that reaches the store (train at its start
-and end, evaluate at its start). Each delivery is idempotent (metrics already in the run, a model
+Metric values, tags, artifact files, the model to log from the weights file, a terminal status, a
+run to mark KILLED, an evaluation: each is an item of one atomic JSON file, `mlflow_pending.json`
+beside the run-id file (outputs/), delivered by the next stage that reaches the store (train at its
+start and end, evaluate at its start). Each delivery is idempotent (metrics already in the run, a model
 the run already has, are skipped), so an item whose answer was lost is delivered again safely.
 Only a definite "no such run" from the store drops a run's items; any other error (a 5xx, a
 timeout) keeps them for the next delivery.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic
@@ -49,7 +49,7 @@ def file_sha256(path: Path) -> str:
 class Journal:
     """The journal of deliveries the store has not taken yet: {"items": [...]}, rewritten atomically
     after every change, removed once empty. Each item names its run ("run_id") and its "kind":
-    metrics, checkpoints, artifact, model, status, abandon or evaluation (see deliver)."""
+    metrics, checkpoints, tags, artifact, model, status, abandon or evaluation (see deliver)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -85,6 +85,9 @@ class Journal:
         # The hash pins the file's content: a later job may overwrite the file before the store is back.
         self.add({"run_id": run_id, "kind": "artifact", "path": str(path), "artifact_path": artifact_path,
                   "sha256": file_sha256(path)})
+
+    def add_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.add({"run_id": run_id, "kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def add_model(self, run_id: str, weights: Path, input_example: np.ndarray, step: int = 0) -> None:
         """The MLflow model to log from `weights`, with `input_example`: uint8 images (N, 32, 32, 3);
@@ -168,6 +171,8 @@ def _deliver_one(client: MlflowClient, item: dict[str, Any]) -> None:
     if kind == "metrics":
         _log_metrics_once(client, run_id, [Metric(m["key"], m["value"], m["timestamp"], m["step"])
                                            for m in item["metrics"]])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in item["tags"].items()])
     elif kind == "artifact":
         _check_unchanged(item)
         client.log_artifact(run_id, item["path"], item["artifact_path"])

@@ -2,7 +2,7 @@
 model card as the version's description, and the `@champion` alias.
 
 The alias rule: a new version becomes `@champion` when its validation accuracy (tag `val_accuracy`:
-the registered weights', those after the last epoch) is higher than the current champion's, or
+the registered weights', the run's `model_val_accuracy`) is higher than the current champion's, or
 when there is no champion yet; otherwise the alias stays. A champion moved by hand is respected:
 the next version has to beat it. The rule runs once per version (tag `champion_rule` records the
 decision), so a run registered again never moves the alias. The newest version needs no alias:
@@ -63,12 +63,13 @@ def register_model_version(client: MlflowClient, name: str, run_id: str, model_u
 
 def version_val_accuracy(client: MlflowClient, name: str, version: str) -> float | None:
     """A version's validation accuracy: its tag, else (a version registered without it) its run's
-    last `val_accuracy`; None if neither exists."""
+    `model_val_accuracy` (its weights'), else the run's last `val_accuracy`; None if none exists."""
     mv = client.get_model_version(name, version)
     if VAL_ACCURACY_TAG in mv.tags:
         return float(mv.tags[VAL_ACCURACY_TAG])
     if mv.run_id:
-        value = client.get_run(mv.run_id).data.metrics.get("val_accuracy")
+        metrics = client.get_run(mv.run_id).data.metrics
+        value = metrics.get("model_val_accuracy", metrics.get("val_accuracy"))
         return None if value is None else float(value)
     return None
 
