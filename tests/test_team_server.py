@@ -156,6 +156,7 @@ def check_team_server(project: Path, server_dir: Path, url: str) -> None:
         # Served artifacts: the client sends them to the server, which alone writes its folder.
         assert r.info.artifact_uri.startswith("mlflow-artifacts:/"), r.info.artifact_uri
         assert sorted(checkpoint_models(client, run_id)) == [1, 2] and 2 in kept_checkpoints(client, run_id)
+        kept = kept_checkpoints(client, run_id)
         [model] = pyfunc_models(client, exp.experiment_id)
         assert (model.source_run_id, model.status.name) == (run_id, "READY")
         assert model.artifact_location.startswith("mlflow-artifacts:/")
@@ -165,8 +166,9 @@ def check_team_server(project: Path, server_dir: Path, url: str) -> None:
 
         mp.setenv("MLFLOW_TRACKING_URI", url)
         assert mlflow.pyfunc.load_model(model.model_uri) is not None  # downloadable by a teammate
-    stored = {p.name for p in (server_dir / "artifacts").rglob("*") if p.is_file()}
-    assert {"last.pt", "best.pt", "history.csv", "MLmodel"} <= stored
+    files = [p.name for p in (server_dir / "artifacts").rglob("*") if p.is_file()]
+    assert {"checkpoint.pt", "history.csv", "MLmodel", "model_card.md"} <= set(files)
+    assert files.count("checkpoint.pt") == len(kept)  # a file removed through the server is gone from its folder
     assert not (project / "mlruns").exists() and not (project / "mlartifacts").exists()
     assert not (project / "mlflow.db").exists()
     assert status_without_credentials(url) == 401
