@@ -1,0 +1,160 @@
+"""cifarpipe-tune: an Optuna search whose trials are the train stage's training, pruned on
+validation accuracy, nested under one MLflow parent run, resumable from its journal file, and whose
+winner, written as a recipe, trains through `dvc exp run -S recipe=<name>` to the same numbers."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, git_commit, run
+from cifarpipe.commands import tuning
+from cifarpipe.config import UserError, load_params
+
+TUNE = [sys.executable, "-m", "cifarpipe.commands.tune"]
+# The tiny archive's classes differ by colour: lr 1e-3 learns them within an epoch, lr 1e-6 cannot,
+# so the median pruner (after one complete trial) stops the second trial after its first epoch.
+SPACE = """\
+trials: {trials}
+epochs: {epochs}
+sampler: {{name: tpe, startup_trials: 2, seed: 0}}
+pruner: {{name: median, startup_trials: 1, warmup_epochs: 0}}
+params:
+  train.optimizer.lr: {{type: float, low: 1.0e-6, high: 3.0e-3, log: true}}
+  train.batch_size: {{type: categorical, choices: [32, 64]}}
+fixed:
+  train.label_smoothing: 0.05
+first_trials:
+  - {{train.optimizer.lr: 0.001, train.batch_size: 32}}
+  - {{train.optimizer.lr: 1.0e-6, train.batch_size: 64}}
+"""
+
+
+def write_space(project: Path, name: str = "search", trials: int = 3, epochs: int = 2) -> Path:
+    path = project / "tune" / f"{name}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(SPACE.format(trials=trials, epochs=epochs))
+    return path
+
+
+def study_runs(project: Path, study: str):
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    [parent] = client.search_runs(exp_ids, f"tags.`tune.study` = '{study}' and attributes.run_name = 'tune-{study}'")
+    trials = client.search_runs(exp_ids, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return client, parent, sorted(trials, key=lambda r: int(r.data.tags["tune.trial"]))
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@pytest.fixture
+def data_ready(project):
+    run(["dvc", "repro", "split"], project)
+    git_commit(project, "data")
+    return project
+
+
+def test_a_search_prunes_nests_continues_and_its_winner_reproduces_through_dvc_exp_run(data_ready):
+    project = data_ready
+    space = write_space(project)
+    out = run(TUNE + [str(space)], project).stdout
+    assert "trial 1 pruned after epoch 1" in out, out
+    client, parent, trials = study_runs(project, "search")
+    assert parent.info.status == "FINISHED" and [r.data.tags["tune.trial"] for r in trials] == ["0", "1", "2"]
+    states = {r.data.tags["tune.trial"]: (r.data.tags["trial_state"], r.info.status) for r in trials}
+    assert states["0"] == ("COMPLETE", "FINISHED") and states["1"] == ("PRUNED", "KILLED"), states
+    for r in trials:  # every param in force, per-epoch metrics, nothing from the test set
+        assert r.data.params["train.label_smoothing"] == "0.05" and r.data.params["train.epochs"] == "2"
+        assert not [k for k in r.data.metrics if k.startswith("test")]
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy")]
+        assert steps == ([1] if r.data.tags["trial_state"] == "PRUNED" else [1, 2])
+    assert (project / "outputs/tune/search.journal").is_file()
+
+    space.write_text(SPACE.format(trials=4, epochs=2))  # one more trial: the same study continues
+    out = run(TUNE + [str(space)], project).stdout
+    assert "3 of 4 trials finished" in out, out
+    client, again, trials = study_runs(project, "search")
+    assert again.info.run_id == parent.info.run_id and len(trials) == 4
+
+    best = max((r for r in trials if r.data.tags["trial_state"] == "COMPLETE"),
+               key=lambda r: r.data.metrics["val_accuracy"])
+    recipe = (project / "recipes/search.yaml").read_text()
+    assert recipe.startswith("# cifarpipe-tune study search") and best.info.run_id in recipe
+    values = tuning.flatten_mapping(yaml.safe_load(recipe))
+    assert values["train.optimizer.lr"] == float(best.data.params["train.optimizer.lr"])
+    run(["git", "add", "recipes/search.yaml"], project)
+    run(["dvc", "exp", "run", "-n", "winner", "-S", "recipe=search"], project)
+    reproduced = pd.read_csv(project / "outputs/history.csv")
+    for key in ("val_accuracy", "val_loss", "train_loss"):  # the same numbers, bit for bit (CPU)
+        assert reproduced[key].tolist() == history(client, best.info.run_id, key), key
+
+
+def test_a_trial_killed_with_its_command_is_tried_again_when_the_command_is_rerun(data_ready):
+    project = data_ready
+    space = write_space(project, "killed", trials=2, epochs=3)
+    proc = subprocess.Popen(TUNE + [str(space)], cwd=project, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    for line in proc.stdout:
+        if line.startswith("trial 0 epoch 1/3"):
+            proc.send_signal(signal.SIGKILL)  # no cleanup: trial 0 stays RUNNING in the journal and MLflow
+            break
+    proc.wait()
+    out = run(TUNE + [str(space)], project).stdout
+    assert "trial 0 was interrupted: queued again with the same values" in out, out
+    client, parent, trials = study_runs(project, "killed")
+    assert [(r.data.tags["trial_state"], r.info.status) for r in trials][0] == ("INTERRUPTED", "KILLED")
+    retry = next(r for r in trials[1:] if r.data.tags["tune.searched"] == trials[0].data.tags["tune.searched"])
+    assert retry.data.tags["trial_state"] == "COMPLETE" and parent.info.status == "FINISHED"
+
+
+def test_a_search_file_is_checked_before_any_training(tmp_path):
+    base = load_params(Path(__file__).parents[1] / "params.yaml")
+
+    def problem(text: str) -> str:
+        path = tmp_path / "space.yaml"
+        path.write_text(textwrap.dedent(text))
+        with pytest.raises(UserError) as e:
+            spec, _ = tuning.load_spec(path)
+            tuning.check_spec(spec, base, path)
+        return str(e.value)
+
+    ok = "trials: 2\nepochs: 1\nparams:\n  train.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
+    assert "unknown key 'trails'" in problem(ok.replace("trials:", "trails:"))
+    assert "train.optimizer.lrr" in problem(ok.replace("optimizer.lr:", "optimizer.lrr:"))
+    assert "train.optimizer.lr = 0.0" in problem(ok.replace("low: 1.0e-4", "low: 0.0").replace(", log: true", ""))
+    assert "log: true needs low > 0" in problem(ok.replace("low: 1.0e-4", "low: 0.0"))
+    assert "set by `epochs`" in problem(ok + "  train.epochs: {type: int, low: 1, high: 3}\n")
+    assert "train.batch_size = 0" in problem(ok + "  train.batch_size: {type: categorical, choices: [64, 0]}\n")
+    assert "outside its search space" in problem(ok + "first_trials:\n  - {train.optimizer.lr: 0.5}\n")
+    assert "data.url" in problem(ok + "fixed:\n  data.url: x\n")  # a recipe sets model/train/evaluate only
+    assert "train.scheduler.warmup_epochs" in problem(ok + "fixed:\n  train.scheduler.warmup_epochs: 1\n")
+    spec, study = tuning.load_spec(_write(tmp_path / "fine.yaml", ok))
+    tuning.check_spec(spec, base, tmp_path / "fine.yaml")
+    assert study == "fine"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.slow  # two worker processes on 2 shared cores: about a minute
+def test_two_workers_share_one_study_and_one_parent_run(data_ready):
+    project = data_ready
+    space = write_space(project, "pair", trials=4)
+    out = run(TUNE + [str(space), "--workers", "2"], project).stdout
+    assert "[worker 0] trial" in out and "[worker 1] trial" in out, out
+    client, parent, trials = study_runs(project, "pair")
+    finished = [r for r in trials if r.data.tags.get("trial_state") in ("COMPLETE", "PRUNED")]
+    assert parent.info.status == "FINISHED" and len(finished) >= 4  # a worker may start one more as the other ends
+    assert len({r.data.tags["tune.trial"] for r in trials}) == len(trials)
