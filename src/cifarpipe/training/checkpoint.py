@@ -160,6 +160,13 @@ def claim(job_dir: Path) -> None:
     _CLAIMED[job_dir] = f
 
 
+def release(job_dir: Path) -> None:
+    """End this process's claim on `job_dir` (cifarpipe-gc, after removing a finished job's files)."""
+    f = _CLAIMED.pop(Path(job_dir).resolve(), None)
+    if f is not None:
+        f.close()  # closing the file drops its flock
+
+
 def is_claimed(job_dir: Path) -> bool:
     """Whether a process (another one, or this one) is training the job in `job_dir` now."""
     try:
