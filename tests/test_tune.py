@@ -158,3 +158,23 @@ def test_two_workers_share_one_study_and_one_parent_run(data_ready):
     finished = [r for r in trials if r.data.tags.get("trial_state") in ("COMPLETE", "PRUNED")]
     assert parent.info.status == "FINISHED" and len(finished) >= 4  # a worker may start one more as the other ends
     assert len({r.data.tags["tune.trial"] for r in trials}) == len(trials)
+
+
+def test_the_pruner_never_stops_a_trial_in_its_warm_up_epochs(tmp_path):
+    """warmup_epochs: 1 -> epoch 1 is never pruned, epoch 2 is (Optuna counts steps from 0, we count epochs from 1)."""
+    import optuna
+
+    from cifarpipe.commands.tune import open_study
+
+    spec = tuning.TuneSpec.model_validate({
+        "trials": 3, "epochs": 3, "pruner": {"name": "median", "startup_trials": 1, "warmup_epochs": 1},
+        "params": {"train.optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}})
+    study = open_study(spec, "warm", tmp_path / "warm.journal", worker_index=0)
+    distribution = {"train.optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)}
+    study.add_trial(optuna.trial.create_trial(params={"train.optimizer.lr": 1e-3}, distributions=distribution,
+                                              value=0.9, intermediate_values={1: 0.9, 2: 0.9, 3: 0.9}))
+    trial = study.ask(distribution)
+    trial.report(0.1, 1)
+    assert not trial.should_prune()  # far below the median, but in the warm-up
+    trial.report(0.1, 2)
+    assert trial.should_prune()

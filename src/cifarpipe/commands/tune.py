@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def recipe_path(params_path: Path, name: str, study: str) -> Path:
     """recipes/<name>.yaml; refused before any work if a recipe of that name was not written by this study."""
     path = params_path.parent / "recipes" / f"{name}.yaml"
-    if not tuning._NAME.match(name):
+    if not tuning.NAME.match(name):
         raise UserError(f"--recipe {name!r}: letters, digits, '.', '_' and '-' only")
     if path.exists() and tuning.written_by(path.read_text()) != study:
         raise UserError(f"{path} exists and was not written by study {study!r}: choose another name with --recipe")
@@ -103,7 +103,9 @@ def open_study(spec: tuning.TuneSpec, name: str, journal: Path, worker_index: in
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # this command prints its own lines
     p = spec.pruner
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs)
+    # Optuna may prune at step == n_warmup_steps; our steps are epochs counted from 1, so the first
+    # warmup_epochs epochs are safe with n_warmup_steps = warmup_epochs + 1.
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs + 1)
               if p.name == "median" else optuna.pruners.NopPruner())
     study = optuna.create_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))),
                                 load_if_exists=True, direction="maximize", pruner=pruner)
@@ -168,7 +170,7 @@ def run_study(args: argparse.Namespace, spec: tuning.TuneSpec, name: str, journa
     try:
         if done < spec.trials:
             if args.workers == 1:
-                work(spec, name, journal, parent, base, 0, 1)
+                interrupted = work(spec, name, journal, parent, base, 0, 1) == INTERRUPTED_EXIT
             else:
                 run_workers(args, parent)
     except KeyboardInterrupt:

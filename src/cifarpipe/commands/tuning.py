@@ -8,7 +8,6 @@ keys (e.g. Nesterov with momentum 0) fails that trial alone, naming the key.
 """
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,7 +20,7 @@ from cifarpipe.config import (Params, UserError, flatten, flatten_mapping, parse
 
 RECIPE_SECTIONS = ("model", "train", "evaluate")  # what a recipe may set (config.read_recipe)
 EPOCHS_KEY = "train.epochs"  # set by the search file's `epochs`, never searched
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a study or recipe name: it names files
 
 
 class _Strict(BaseModel):
@@ -106,7 +105,7 @@ def load_spec(path: Path) -> tuple[TuneSpec, str]:
     except ValidationError as e:
         raise UserError("\n".join(_describe(err, path) for err in e.errors())) from None
     study = spec.study or path.stem
-    if not _NAME.match(study):
+    if not NAME.match(study):
         raise UserError(f"{path}: study = {study!r}: letters, digits, '.', '_' and '-' only (it names files)")
     return spec, study
 
@@ -200,7 +199,7 @@ def recipe_values(own: Params, effective: Params, spec: TuneSpec) -> dict[str, A
 
 
 def recipe_text(study: str, header: list[str], values: dict[str, Any]) -> str:
-    body = yaml.safe_dump(unflatten(copy.deepcopy(values)), sort_keys=False, default_flow_style=False)
+    body = yaml.safe_dump(unflatten(values), sort_keys=False, default_flow_style=False)
     return "\n".join([RECIPE_MARK + study, *(f"# {line}" for line in header)]) + "\n" + body
 
 
