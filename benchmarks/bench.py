@@ -192,7 +192,7 @@ def _our_engine(name: str, arrays: data.Cifar10Arrays, sp: split.Split, params: 
         result.extra["tracking_setup_seconds"] = time.perf_counter() - t_setup  # once per run, before epoch 1
 
     hooks = BenchHooks(name, result, setup, device, ckpt_path, tracker, val_b, test_b if test else None,
-                       params.evaluate.tta_flip, max_seconds)
+                       engine.views_for(params.model.tta, params.evaluate.tta_flip), max_seconds)
     # The train stage's loop (engine.fit): the benchmark times what the stage runs.
     engine.fit(setup, engine.TrainState(), p.epochs, train_b.epoch, lambda: val_b.epoch(0), len(train_b), hooks)
     if hooks.stopped:
@@ -213,10 +213,10 @@ class BenchHooks(engine.LoopHooks):
     then evaluates the test set outside the timed part; stops at the time budget."""
 
     def __init__(self, name: str, result: Result, setup: engine.TrainingSetup, device: torch.device, ckpt_path: Path,
-                 tracker, val_b: DeviceBatches, test_b: DeviceBatches | None, tta_flip: bool,
+                 tracker, val_b: DeviceBatches, test_b: DeviceBatches | None, tta: str,
                  max_seconds: float | None) -> None:
         self.name, self.result, self.setup, self.device, self.ckpt_path = name, result, setup, device, ckpt_path
-        self.tracker, self.val_b, self.test_b, self.tta_flip = tracker, val_b, test_b, tta_flip
+        self.tracker, self.val_b, self.test_b, self.tta = tracker, val_b, test_b, tta
         self.deadline = time.perf_counter() + max_seconds if max_seconds else None
         self.tracking_seconds, self.stopped, self.t0 = 0.0, False, 0.0
 
@@ -261,7 +261,7 @@ class BenchHooks(engine.LoopHooks):
         out = {"epoch": row["epoch"], "train_seconds": r.train_seconds, "val_accuracy": row["val_accuracy"]}
         if self.test_b is not None:  # not timed
             out["test_accuracy"] = engine.evaluate(self.setup.eval_model, self.test_b.epoch(0), amp=self.setup.amp,
-                                                   tta_flip=self.tta_flip).accuracy
+                                                   tta=self.tta).accuracy
         r.epochs.append(out)
         print(f"  {self.name} epoch {row['epoch']}: {r.train_seconds:7.1f} s, val acc {row['val_accuracy']:.4f}"
               + (f", test acc {out['test_accuracy']:.4f}" if "test_accuracy" in out else ""), flush=True)

@@ -48,8 +48,8 @@ from cifarpipe.data import split
 from cifarpipe.config import flatten, load_params, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-# What a workspace needs to run the stages: the library, the stage scripts, the pipeline file.
-PROJECT_FILES = ("src", "stages", "dvc.yaml")
+# What a workspace needs to run the stages: the library, the stage scripts, the pipeline file, the recipes.
+PROJECT_FILES = ("src", "stages", "dvc.yaml", "recipes")
 # history.csv columns that measure time, not training: everything else must match after a resume.
 WALL_CLOCK = {"epoch_seconds", "images_per_second"}
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")

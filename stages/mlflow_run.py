@@ -41,7 +41,7 @@ def settings(recipe: str, values: dict[str, str]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="course", help="recipes/<name>.yaml (course, sgd, fast, gpu)")
+    ap.add_argument("--recipe", default="course", help="recipes/<name>.yaml (course, sgd, fast, gpu, air)")
     for name in OVERRIDES:
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, default="")
     args = ap.parse_args()

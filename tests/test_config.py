@@ -33,12 +33,18 @@ def test_the_real_params_file_is_valid_and_keeps_the_course_recipe():
     ("train.optimizer.lr", -1.0, "train.optimizer.lr = -1.0: Input should be greater than 0"),
     ("train.optimizer.betas", [0.9, 1.5], "train.optimizer.betas = [0.9, 1.5]: each beta must be >= 0 and < 1"),
     ("train.augment.flip", "yes", "train.augment.flip = 'yes': Input should be a valid boolean"),
-    ("model.name", "vgg", "model.name = 'vgg': Input should be 'course_cnn' or 'cifar_resnet'"),
+    ("model.name", "vgg", "model.name = 'vgg': Input should be 'course_cnn', 'cifar_resnet' or 'airnet'"),
+    ("model.tta", "mirror", "model.tta = 'mirror': Input should be 'none', 'flip' or 'flip_translate'"),
+    ("train.augment.padding_mode", "edge", "train.augment.padding_mode = 'edge': Input should be 'zeros' or 'reflect'"),
+    ("train.optimizer.bias_lr_factor", 0, "train.optimizer.bias_lr_factor = 0: Input should be greater than 0"),
+    ("train.lookahead.decay", 1.0, "train.lookahead.decay = 1.0: Input should be less than 1"),
+    ("train.cuda_graph", "on", "train.cuda_graph = 'on': Input should be a valid boolean"),
     ("train.optimizer.name", "rmsprop", "train.optimizer.name = 'rmsprop': Input should be 'adam' or 'sgd'"),
     ("train.optimizer.momentum", -0.1, "train.optimizer.momentum = -0.1: Input should be greater than or equal to 0"),
     ("train.optimizer.momentum", 1.0, "train.optimizer.momentum = 1.0: Input should be less than 1"),
     ("train.optimizer.nesterov", "yes", "train.optimizer.nesterov = 'yes': Input should be a valid boolean"),
-    ("train.scheduler.name", "cosine", "train.scheduler.name = 'cosine': Input should be 'plateau' or 'none'"),
+    ("train.scheduler.name", "cosine",
+     "train.scheduler.name = 'cosine': Input should be 'plateau', 'none' or 'linear'"),
     ("train.scheduler.warmup_epochs", -1,
      "train.scheduler.warmup_epochs = -1: Input should be greater than or equal to 0"),
     ("train.scheduler.warmup_epochs", 10, "train.scheduler.warmup_epochs = 10: must be less than train.epochs (10)"),
@@ -73,6 +79,38 @@ def test_impossible_optimizer_combinations_are_named_at_their_key():
     assert str(e.value) == "override: train.scheduler.warmup_epochs = 3: must be less than train.epochs (3)"
     p = with_overrides(base, ["train.epochs=3", "train.scheduler.warmup_epochs=2", "train.scheduler.warmup_start_factor=1"])
     assert (p.train.scheduler.warmup_epochs, p.train.scheduler.warmup_start_factor) == (2, 1.0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.scheduler.name=linear", "train.scheduler.warmup_epochs=2"],
+     "train.scheduler.warmup_epochs = 2: must be 0 with the per-step schedule"),
+    (["train.optimizer.whiten_bias_epochs=3"],
+     "train.optimizer.whiten_bias_epochs = 3: needs the per-step schedule (train.scheduler.name = linear)"),
+    (["train.loader=dataloader", "train.augment.flip_mode=alternating"],
+     "train.loader = 'dataloader': the DataLoader path has zero padding and random flips only"),
+    (["train.cuda_graph=true"], "train.scheduler.name = 'plateau': train.cuda_graph needs 'linear' here"),
+    (["train.cuda_graph=true", "train.scheduler.name=linear"],
+     "train.optimizer.name = 'adam': train.cuda_graph needs 'sgd' here"),
+    (["train.cuda_graph=true", "train.scheduler.name=linear", "train.optimizer.name=sgd", "train.drop_last=false"],
+     "train.drop_last = False: train.cuda_graph needs True here: every batch has the same shape"),
+    (["train.cuda_graph=true", "train.scheduler.name=linear", "train.optimizer.name=sgd", "train.nproc_per_node=2"],
+     "train.nproc_per_node = 2: train.cuda_graph needs 1 here"),
+    (["train.cuda_graph=true", "train.scheduler.name=linear", "train.optimizer.name=sgd"],
+     "train.kernel_warmup_steps = 0: train.cuda_graph needs at least 1"),
+    (["model.tta=flip", "evaluate.tta_flip=true"],
+     "evaluate.tta_flip = True: model.tta = flip already averages views, mirror images included"),
+])
+def test_settings_that_cannot_go_together_are_named_at_their_key_before_any_work(overrides, message):
+    base = load_params(REPO / "params.yaml")
+    with pytest.raises(UserError) as e:
+        with_overrides(base, overrides)
+    assert str(e.value).startswith(f"override: {message}"), str(e.value)
+
+
+def test_the_airbench_kind_of_recipe_is_valid_and_its_graph_variant_too():
+    air = load_params(REPO / "params.yaml", recipe="air")
+    assert (air.model.name, air.train.scheduler.name, air.train.cuda_graph) == ("airnet", "linear", False)
+    assert with_overrides(air, ["train.cuda_graph=true"]).train.cuda_graph
 
 
 def test_unknown_and_missing_keys_are_named():

@@ -135,7 +135,7 @@ def test_evaluate_averages_flips_and_takes_argmax_in_fp32_under_bf16_autocast():
     assert views[0].dtype == torch.bfloat16  # the setting is real: autocast gives bf16 logits
     expected = ((views[0].float() + views[1].float()) / 2).argmax(1)  # independent fp32 computation
     assert expected.tolist() == [1] and ((views[0] + views[1]) / 2).argmax(1).tolist() == [0]
-    result = engine.evaluate(model, [(x, y)], amp=True, tta_flip=True)
+    result = engine.evaluate(model, [(x, y)], amp=True, tta="flip")
     assert result.predictions.tolist() == [1] and result.accuracy == 1.0
     assert result.loss == pytest.approx(F.cross_entropy((views[0].float() + views[1].float()) / 2, y).item())
 

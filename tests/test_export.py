@@ -111,3 +111,15 @@ def test_onnx_without_its_packages_names_the_extra(trained, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now fails as if it were not installed
     with pytest.raises(UserError, match=r"cifarpipe\[onnx\]"):
         export.export_bytes(classifier, "onnx")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_a_model_with_test_time_views_is_exported_with_them(trained, in_project, fmt):
+    """model.tta flip_translate: the graph averages the 6 views as the MLflow model's Classifier does."""
+    project, _, images, _ = trained
+    plain = Classifier.from_weights(torch.load(project / "outputs/model.pt", weights_only=True))
+    views = Classifier(plain.network, plain.mean, plain.std, plain.classes, tta="flip_translate")
+    run_file, _ = export.load_runner(export.export_bytes(views, fmt), fmt)
+    got, want = run_file(images), views.probabilities(images)
+    assert np.abs(got - want).max() < 1e-5
+    assert np.abs(got - plain.probabilities(images)).max() > 1e-3  # the views change the probabilities

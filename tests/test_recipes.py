@@ -32,8 +32,8 @@ def test_an_unknown_recipe_names_the_valid_ones(tmp_path):
     path.write_text(path.read_text().replace("\nrecipe: course", "\nrecipe: fastest"))
     with pytest.raises(UserError) as e:
         load_params(path)
-    assert str(e.value).startswith(f"{path}: recipe = 'fastest': no such recipe; valid: course, fast, gpu, sgd")
-    with pytest.raises(UserError, match="valid: course, fast, gpu, sgd"):  # a name, never a path
+    assert str(e.value).startswith(f"{path}: recipe = 'fastest': no such recipe; valid: air, course, fast, gpu, sgd")
+    with pytest.raises(UserError, match="valid: air, course, fast, gpu, sgd"):  # a name, never a path
         load_params(REPO / "params.yaml", recipe="../params")
 
 
@@ -63,6 +63,13 @@ def test_the_recipes_hold_the_measured_values():
         "recipe": "gpu", "model.name": "cifar_resnet", "model.width": 128, "train.batch_size": 512,
         "train.epochs": 30, "train.optimizer.lr": 0.002, "train.scheduler.patience": 1,
         "train.label_smoothing": 0.1, "evaluate.tta_flip": True}
+    # air: airbench94's kind of training (docs/9-gpu-recipe.md); the course's keys it leaves alone stay
+    air = flatten(load_params(REPO / "params.yaml", recipe="air"))
+    changed = {k: v for k, v in air.items() if base[k] != v}
+    assert changed["model.name"] == "airnet" and changed["model.tta"] == "flip_translate"
+    assert (changed["train.optimizer.name"], changed["train.scheduler.name"], changed["train.batch_size"],
+            changed["train.epochs"]) == ("sgd", "linear", 1024, 16)
+    assert air["evaluate.tta_flip"] is False and air["split.val_fraction"] == 0.15
 
 
 @pytest.mark.skipif("name" not in OptimizerParams.model_fields,
@@ -122,7 +129,7 @@ def test_mlflow_run_refuses_a_parameter_its_recipe_would_override(tmp_path):
     assert "recipe 'gpu' sets what -P epochs=5 (the recipe sets train.epochs=30) would change" in proc.stderr
     assert "+ dvc" not in proc.stdout  # stopped before any DVC command
     proc = run([sys.executable, str(REPO / "stages" / "mlflow_run.py"), "--recipe", "fastest"], tmp_path, check=False)
-    assert proc.returncode == 2 and "valid: course, fast, gpu, sgd" in proc.stderr
+    assert proc.returncode == 2 and "valid: air, course, fast, gpu, sgd" in proc.stderr
 
 
 def test_bench_takes_a_recipe_as_the_base_of_its_configurations(tmp_path, tiny_archive):
@@ -130,7 +137,7 @@ def test_bench_takes_a_recipe_as_the_base_of_its_configurations(tmp_path, tiny_a
     bench = [sys.executable, str(BENCH), "--archive", str(archive), "--params", str(REPO / "params.yaml"),
              "--device", "cpu", "--skip", "course", "--skip", "fast", "--skip", "resnet", "--skip", "tracking"]
     proc = run([*bench, "--recipe", "fastest", "--out", str(tmp_path / "no.json")], tmp_path, check=False)
-    assert proc.returncode == 1 and "valid: course, fast, gpu, sgd" in proc.stderr
+    assert proc.returncode == 1 and "valid: air, course, fast, gpu, sgd" in proc.stderr
     assert not (tmp_path / "no.json").exists()
     out = tmp_path / "bench.json"
     run([*bench, "--recipe", "fast", "--set", "train.epochs=1", "--out", str(out)], tmp_path)

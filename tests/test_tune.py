@@ -178,3 +178,24 @@ def test_the_pruner_never_stops_a_trial_in_its_warm_up_epochs(tmp_path):
     assert not trial.should_prune()  # far below the median, but in the warm-up
     trial.report(0.1, 2)
     assert trial.should_prune()
+
+
+def test_optunas_lock_left_by_a_killed_writer_is_removed_when_the_study_lock_is_free(tmp_path, monkeypatch, capsys):
+    """A kill while a trial writes to the journal leaves Optuna's lock (a symbolic link): the next
+    command, holding the study's lock, removes it instead of waiting on it."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    from cifarpipe.commands.tune import open_study, study_lock
+
+    monkeypatch.chdir(tmp_path)
+    journal = Path("outputs/tune/stale.journal")
+    journal.parent.mkdir(parents=True)
+    journal.touch()
+    JournalFileSymlinkLock(str(journal)).acquire()  # held by a process that is gone
+    assert os.path.lexists(f"{journal}.lock")
+    spec = tuning.TuneSpec.model_validate({"trials": 1, "epochs": 1, "params": {
+        "train.optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}})
+    with study_lock(journal):
+        assert not os.path.lexists(f"{journal}.lock")
+        assert len(open_study(spec, "stale", journal).trials) == 0  # the journal is writable at once
+    assert "removed outputs/tune/stale.journal.lock" in capsys.readouterr().out

@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cifarpipe.dotted import flatten_mapping, set_dotted, unflatten  # noqa: F401  (unflatten: part of this module's API)
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad params, bad archive, unreachable URL): printed without traceback."""
@@ -63,8 +65,11 @@ class SplitParams(_Strict):
 
 
 class ModelParams(_Strict):
-    name: Literal["course_cnn", "cifar_resnet"]
-    width: int = Field(ge=8, le=1024)  # base channel count of cifar_resnet; course_cnn ignores it
+    name: Literal["course_cnn", "cifar_resnet", "airnet"]
+    width: int = Field(ge=8, le=1024)  # cifar_resnet's base channels; airnet's first block (then 4x); course_cnn ignores it
+    # Test-time augmentation, part of the model's inference path: evaluate, cifarpipe-predict and the
+    # MLflow model average the logits of these views. Defaulted: weights files without it load as "none".
+    tta: Literal["none", "flip", "flip_translate"] = "none"
 
 
 class _KeyProblem(ValueError):
@@ -87,6 +92,9 @@ class OptimizerParams(_Strict):
     eps: float = Field(gt=0)  # adam only
     momentum: float = Field(ge=0, lt=1)  # sgd only; 1 or more never decays the velocity
     nesterov: bool  # sgd only
+    # 1-D parameters (biases, BatchNorm shifts) train at lr x this, with weight decay / this (the same decay per step).
+    bias_lr_factor: float = Field(gt=0, default=1.0)
+    whiten_bias_epochs: int = Field(ge=0, default=0)  # airnet: the optimizer trains its whitening bias this many epochs
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -109,19 +117,40 @@ class OptimizerParams(_Strict):
 
 
 class SchedulerParams(_Strict):
-    name: Literal["plateau", "none"]  # none: the lr stays constant (after any warm-up)
+    # none: the lr stays constant (after any warm-up); linear: per step, a warm-up over warmup_fraction of
+    # all steps from lr * warmup_start_factor, then a straight line down to lr * end_factor at the last step
+    name: Literal["plateau", "none", "linear"]
     mode: Literal["max", "min"]  # plateau only; "max": stepped on validation accuracy
     patience: int = Field(ge=0)  # plateau only
     threshold: float = Field(ge=0)  # plateau only
     factor: float = Field(gt=0, lt=1)  # plateau only
     warmup_epochs: int = Field(ge=0)  # linear warm-up over the first N epochs; 0: off
-    warmup_start_factor: float = Field(gt=0, le=1)  # the first epoch trains at lr * this
+    warmup_start_factor: float = Field(gt=0, le=1)  # the first epoch (linear: step) trains at lr * this
+    warmup_fraction: float = Field(ge=0, lt=1, default=0.0)  # linear only
+    end_factor: float = Field(ge=0, le=1, default=1.0)  # linear only
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> SchedulerParams:
+        if self.name == "linear" and self.warmup_epochs:
+            raise _KeyProblem("warmup_epochs", self.warmup_epochs, "must be 0 with the per-step schedule "
+                              "train.scheduler.name = linear (its warm-up is train.scheduler.warmup_fraction)")
+        return self
 
 
 class AugmentParams(_Strict):
     enabled: bool
-    crop_padding: int = Field(ge=0, le=16)  # pixels of zero padding before the random 32x32 crop
+    crop_padding: int = Field(ge=0, le=16)  # pixels of padding before the random 32x32 crop
     flip: bool
+    padding_mode: Literal["zeros", "reflect"] = "zeros"  # reflect: the padding mirrors the image's edge
+    # alternating: each image is flipped in every other epoch, starting from a random first choice
+    flip_mode: Literal["random", "alternating"] = "random"
+
+
+class LookaheadParams(_Strict):
+    every: int = Field(ge=0, default=0)  # steps between updates of the slow weights; 0: off
+    # The update after step t of T keeps decay^every x (t/T)^power of the slow weights, the rest from the fast ones.
+    decay: float = Field(ge=0, lt=1, default=0.95)
+    power: float = Field(ge=0, default=3.0)
 
 
 class TrainParams(_Strict):
@@ -133,7 +162,7 @@ class TrainParams(_Strict):
     # batch_size stays the batch of all processes together. le=64: no node has more GPUs.
     nproc_per_node: int = Field(ge=1, le=64)
     log_every: int = Field(ge=0)  # print the running loss every N batches; 0 turns it off
-    loader: Literal["device", "dataloader"]
+    loader: Literal["device", "device_epoch", "dataloader"]  # device_epoch: each epoch augmented at once
     num_workers: int = Field(ge=0)  # only for loader=dataloader
     drop_last: bool  # no tiny last batch: its full optimizer step would land right before validation
     augment: AugmentParams
@@ -144,6 +173,11 @@ class TrainParams(_Strict):
     deterministic: bool
     optimizer: OptimizerParams
     scheduler: SchedulerParams
+    lookahead: LookaheadParams = LookaheadParams()
+    # Steps run before training and then undone bitwise: cuDNN's autotuning and CUDA's start-up (and
+    # the graph's capture) are paid there, outside the epochs' time.
+    kernel_warmup_steps: int = Field(ge=0, le=100, default=0)
+    cuda_graph: bool = False  # replay the training step as one CUDA graph (elsewhere: the same static-buffer step)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainParams:
@@ -152,6 +186,31 @@ class TrainParams(_Strict):
         if self.scheduler.warmup_epochs >= self.epochs:
             raise _KeyProblem("scheduler.warmup_epochs", self.scheduler.warmup_epochs,
                               f"must be less than train.epochs ({self.epochs})")
+        a = self.augment
+        if self.loader == "dataloader" and (a.padding_mode, a.flip_mode) != ("zeros", "random"):
+            raise _KeyProblem("loader", self.loader, "the DataLoader path has zero padding and random flips only; "
+                              "train.augment.padding_mode reflect and flip_mode alternating need loader device")
+        if self.optimizer.whiten_bias_epochs and self.scheduler.name != "linear":
+            raise _KeyProblem("optimizer.whiten_bias_epochs", self.optimizer.whiten_bias_epochs,
+                              "needs the per-step schedule (train.scheduler.name = linear), whose rate table stops it")
+        return self
+
+    @model_validator(mode="after")
+    def _graph_can_be_captured(self) -> TrainParams:
+        # A captured graph replays fixed shapes and reads every changing value from the device.
+        needs = {"scheduler.name": (self.scheduler.name, "linear", "the rates are read from a table on the device"),
+                 "optimizer.name": (self.optimizer.name, "sgd", "fused SGD takes its rate as a device tensor"),
+                 "drop_last": (self.drop_last, True, "every batch has the same shape"),
+                 "nproc_per_node": (self.nproc_per_node, 1, "one process first"),
+                 "compile": (self.compile, False, "one way of fusing the step at a time")}
+        if not self.cuda_graph:
+            return self
+        for key, (value, wanted, why) in needs.items():
+            if value != wanted:
+                raise _KeyProblem(key, value, f"train.cuda_graph needs {wanted!r} here: {why}")
+        if not self.kernel_warmup_steps:
+            raise _KeyProblem("kernel_warmup_steps", 0, "train.cuda_graph needs at least 1: a graph is captured "
+                              "after warm-up steps have created the optimizer state and tuned the kernels")
         return self
 
 
@@ -199,6 +258,13 @@ class Params(_Strict):
     evaluate: EvaluateParams
     tracking: TrackingParams
 
+    @model_validator(mode="after")
+    def _one_tta(self) -> Params:
+        if self.evaluate.tta_flip and self.model.tta != "none":
+            raise _KeyProblem("evaluate.tta_flip", True, f"model.tta = {self.model.tta} already averages views, "
+                              "mirror images included: set evaluate.tta_flip false")
+        return self
+
 
 def _describe(err: dict[str, Any], source: str) -> str:
     key = ".".join(str(p) for p in err["loc"])
@@ -207,8 +273,8 @@ def _describe(err: dict[str, Any], source: str) -> str:
     if err["type"] == "missing":
         return f"{source}: missing key {key!r}"
     problem = err.get("ctx", {}).get("error")
-    if isinstance(problem, _KeyProblem):
-        return f"{source}: {key}.{problem.key} = {problem.value!r}: {problem.message}"
+    if isinstance(problem, _KeyProblem):  # at the top level (no section) the key is already whole
+        return f"{source}: {f'{key}.' if key else ''}{problem.key} = {problem.value!r}: {problem.message}"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{source}: {key} = {err.get('input')!r}: {msg}"
 
@@ -320,45 +386,6 @@ def recipe_changes(path: str | Path = "params.yaml", recipe: str | None = None) 
     own = flatten(parse_params(read_yaml_text(path.read_text(), str(path)), str(path)))
     effective = flatten(load_params(path, recipe))
     return {k: (own[k], v) for k, v in effective.items() if k != "recipe" and own[k] != v}
-
-
-def flatten_mapping(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"optimizer": {"lr": 0.001}}} -> {"train.optimizer.lr": 0.001}: the dotted keys
-    of `dvc exp run -S` and of MLflow's params. An empty mapping inside is a value of its own;
-    tuples become lists, as YAML writes them."""
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(flatten_mapping(value, dotted))
-        else:
-            out[dotted] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """{"train.optimizer.lr": 0.001} -> {"train": {"optimizer": {"lr": 0.001}}}: flatten_mapping undone."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
-def set_dotted(mapping: dict[str, Any], key: str, value: Any) -> bool:
-    """Set the existing leaf `key` ("train.optimizer.lr") of a nested mapping; False (nothing set)
-    when the mapping has no such leaf."""
-    *parents, leaf = key.split(".")
-    node: Any = mapping
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-    if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
-        return False
-    node[leaf] = value
-    return True
 
 
 def flatten(params: Params) -> dict[str, Any]:

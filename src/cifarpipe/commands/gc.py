@@ -4,7 +4,7 @@
     cifarpipe-gc --delete     # remove it; then the printed `mlflow gc` and `dvc gc` commands finish the job
 
 A job's folder, outputs/checkpoints/<fingerprint>/, goes only when all of these hold (see
-docs/9-tools.md):
+docs/10-tools.md):
   1. no process holds it (a training of the job right now holds job.lock);
   2. its last.pt loads and says the job is complete (an unfinished job resumes from it; a folder
      with no readable last.pt is never touched);

@@ -63,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker_of:
         return work(spec, study_name, journal, args.worker_of, base, args.worker_index, args.workers)
     recipe = recipe_path(args.params, args.recipe or study_name, study_name)
-    with study_lock(journal):
-        return run_study(args, spec, study_name, journal, base, recipe)
+    with study_lock(journal) as lock_fd:
+        return run_study(args, spec, study_name, journal, base, recipe, lock_fd)
 
 
 def recipe_path(params_path: Path, name: str, study: str) -> Path:
@@ -78,9 +78,11 @@ def recipe_path(params_path: Path, name: str, study: str) -> Path:
 
 
 @contextlib.contextmanager
-def study_lock(journal: Path) -> Iterator[None]:
-    """One cifarpipe-tune command per study at a time: its workers are its own processes, so a trial
-    left RUNNING in the journal when the command starts belongs to a process that is gone."""
+def study_lock(journal: Path) -> Iterator[int]:
+    """One cifarpipe-tune command per study at a time. Its workers inherit the lock (run_workers), so
+    a worker orphaned by a killed command still holds it: a trial left RUNNING in the journal when
+    the lock is free belongs to a process that is gone, and so does Optuna's own lock file of the
+    journal (a kill while a trial wrote to it), which is removed. Yields the lock's descriptor."""
     import fcntl
 
     journal.parent.mkdir(parents=True, exist_ok=True)
@@ -88,9 +90,13 @@ def study_lock(journal: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"another cifarpipe-tune is running study {journal.stem} ({journal}); "
-                            "use --workers N for parallel trials") from None
-        yield
+            raise UserError(f"another cifarpipe-tune is running study {journal.stem} ({journal}), or a worker "
+                            "of a killed one is still training; use --workers N for parallel trials") from None
+        stale = Path(f"{journal}.lock")  # optuna.storages.journal's lock: a symbolic link while held
+        if os.path.lexists(stale):
+            stale.unlink()
+            print(f"removed {stale}: Optuna's lock of the journal, left by a process killed while writing it")
+        yield f.fileno()
 
 
 def open_study(spec: tuning.TuneSpec, name: str, journal: Path, worker_index: int | None = None):
@@ -107,7 +113,10 @@ def open_study(spec: tuning.TuneSpec, name: str, journal: Path, worker_index: in
     # warmup_epochs epochs are safe with n_warmup_steps = warmup_epochs + 1.
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs + 1)
               if p.name == "median" else optuna.pruners.NopPruner())
-    study = optuna.create_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))),
+    # An absolute path: Optuna's lock is a symbolic link to the journal; a relative target resolves
+    # from the link's folder, where Optuna's check for a stale lock (30 s) finds nothing and waits for ever.
+    storage = JournalStorage(JournalFileBackend(str(journal.resolve())))
+    study = optuna.create_study(study_name=name, storage=storage,
                                 load_if_exists=True, direction="maximize", pruner=pruner)
     if worker_index is not None:
         s, seed = spec.sampler, spec.sampler.seed + len(study.trials) + 1000 * worker_index
@@ -153,7 +162,7 @@ def prepare(study, spec: tuning.TuneSpec, spec_text: str, client) -> None:
 
 
 def run_study(args: argparse.Namespace, spec: tuning.TuneSpec, name: str, journal: Path, base: Params,
-              recipe: Path) -> int:
+              recipe: Path, lock_fd: int) -> int:
     from cifarpipe.tracking import store
     from cifarpipe.tracking import study as runs
 
@@ -172,7 +181,7 @@ def run_study(args: argparse.Namespace, spec: tuning.TuneSpec, name: str, journa
             if args.workers == 1:
                 interrupted = work(spec, name, journal, parent, base, 0, 1) == INTERRUPTED_EXIT
             else:
-                run_workers(args, parent)
+                run_workers(args, parent, lock_fd)
     except KeyboardInterrupt:
         interrupted = True
     study = open_study(spec, name, journal)  # the workers' trials, read back from the journal
@@ -200,11 +209,12 @@ def settings(spec: tuning.TuneSpec, path: Path) -> dict[str, object]:
     return out
 
 
-def run_workers(args: argparse.Namespace, parent: str) -> None:
-    """--workers N: N processes on the study's journal; Ctrl-C or SIGTERM stops them all."""
+def run_workers(args: argparse.Namespace, parent: str, lock_fd: int) -> None:
+    """--workers N: N processes on the study's journal, each holding the study's lock (study_lock);
+    Ctrl-C or SIGTERM stops them all."""
     cmd = [sys.executable, "-m", "cifarpipe.commands.tune", str(args.space), "--params", str(args.params),
            "--workers", str(args.workers), "--worker-of", parent]
-    procs = [subprocess.Popen(cmd + ["--worker-index", str(i)]) for i in range(args.workers)]
+    procs = [subprocess.Popen(cmd + ["--worker-index", str(i)], pass_fds=(lock_fd,)) for i in range(args.workers)]
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         codes = [p.wait() for p in procs]

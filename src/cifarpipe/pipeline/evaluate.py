@@ -85,13 +85,15 @@ def evaluate_test_set(paths: EvaluatePaths, params: Params, device: torch.device
         weights = checkpoint.load(paths.weights)
     except FileNotFoundError:
         raise UserError(f"{paths.weights}: not found; run the train stage first") from None
-    model = build_model(ModelParams(**weights["model"])).to(device)
+    model_params = ModelParams(**weights["model"])
+    model = build_model(model_params).to(device)
     model.load_state_dict(weights["state_dict"])
+    tta = engine.views_for(model_params.tta, params.evaluate.tta_flip)  # the model's own views, as predict uses
     # a copy in memory: torch must not alias the file's read-only memory map (31 MB, milliseconds)
-    batches = DeviceBatches(torch.from_numpy(np.array(test_x)).to(device), torch.from_numpy(test_y), params.evaluate.batch_size,
-                            weights["mean"], weights["std"], augment=None, shuffle=False)
-    result = engine.evaluate(model, batches.epoch(0), amp=engine.amp_enabled(params.train.amp, device),
-                             tta_flip=params.evaluate.tta_flip, confidences=True)
+    batches = DeviceBatches(torch.from_numpy(np.array(test_x)).to(device), torch.from_numpy(test_y),
+                            params.evaluate.batch_size, weights["mean"], weights["std"], augment=None, shuffle=False)
+    result = engine.evaluate(model, batches.epoch(0), amp=engine.amp_enabled(params.train.amp, device), tta=tta,
+                             confidences=True)
     return test_x, test_y, weights, result
 
 

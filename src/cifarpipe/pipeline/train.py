@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +26,22 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic, faults, workspace
-from cifarpipe.config import Params, UserError, flatten, load_params, recipe_changes
+from cifarpipe.config import Params, TrainParams, UserError, flatten, load_params, recipe_changes
 from cifarpipe.data import archive, split
-from cifarpipe.data.batches import DeviceBatches, channel_stats, dataloader_batches
+from cifarpipe.data.batches import DeviceBatches, EpochBatches, channel_stats, dataloader_batches, whitening_images
 from cifarpipe.pipeline.phases import Phases, timed
 from cifarpipe.tracking import job, store
 from cifarpipe.tracking.journal import Journal, journal_path
 from cifarpipe.training import checkpoint, distributed, engine
 from cifarpipe.training.distributed import Group
+from cifarpipe.training.step import warm_up
 from cifarpipe.training.stop import StopRequest
 
 # The code whose change makes a half-trained checkpoint someone else's: it is part of the job's
 # fingerprint, so other code never continues it silently.
 _PACKAGE = Path(engine.__file__).parents[1]
-TRAINING_CODE = [_PACKAGE / "training" / name for name in ("engine.py", "optim.py", "models.py", "distributed.py")] + [
+TRAINING_CODE = [_PACKAGE / "training" / name for name in ("engine.py", "optim.py", "models.py", "distributed.py",
+                                                          "step.py", "lookahead.py")] + [
     _PACKAGE / "data" / "batches.py", Path(__file__)]
 
 
@@ -121,8 +125,9 @@ def epoch_batches(data: TrainingData, params: Params, device: torch.device, grou
     shard = {"rank": group.rank, "world_size": group.world_size}
     val = DeviceBatches(torch.from_numpy(data.val_x).to(device), torch.from_numpy(data.val_y),
                         params.evaluate.batch_size, data.mean, data.std, augment=None, shuffle=False, **shard)
-    if p.loader == "device":  # the whole training part resident on the device; each process its part of a batch
-        train = DeviceBatches(torch.from_numpy(data.train_x).to(device), torch.from_numpy(data.train_y),
+    if p.loader in ("device", "device_epoch"):  # the whole training part on the device; each process its part of a batch
+        kind = EpochBatches if p.loader == "device_epoch" else DeviceBatches  # the same batches, made per epoch
+        train = kind(torch.from_numpy(data.train_x).to(device), torch.from_numpy(data.train_y),
                               p.batch_size, data.mean, data.std, p.augment, seed=p.seed, drop_last=p.drop_last, **shard)
         return len(train), train.epoch, lambda: val.epoch(0)
     # the course's DataLoader path, the baseline; resumes at epoch boundaries only
@@ -142,14 +147,14 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
     p = params.train
     main = group.is_main
     with ThreadPoolExecutor(1, thread_name_prefix="warm-up") as pool:
-        store_ready = pool.submit(timed, lambda: warm_up(main), phases.background, "warm-up")
+        store_ready = pool.submit(timed, lambda: warm_up_store(main), phases.background, "warm-up")
         try:
             data = load_data(paths, params)
             phases.lap("load data")
             job_dir, resume, resume_path = resume_point(paths, params, data, group)
             phases.lap("resume point")
-            setup = engine.build_training(params.model, p, device, group)  # the course's recipe, from params.yaml
             steps_per_epoch, train_batches, val_batches = epoch_batches(data, params, device, group)
+            setup = build_setup(data, params, device, group, steps_per_epoch)  # the recipe of params.yaml
             phases.lap("model and batches")
             state = restored_state(resume, resume_path, setup, params, device, group, steps_per_epoch)
         except Exception:
@@ -173,8 +178,12 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
                  else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
         phases.lap("open run")
 
+    prepare_steps(setup, state, p, train_batches, log=print if main else lambda line: None)
+    if p.kernel_warmup_steps:
+        phases.lap("kernel warm-up")
+
     stop = StopRequest(say=tqdm.write if main else None)
-    hooks = StageHooks(stop, steps_per_epoch, p.epochs, mid_epoch=p.loader == "device",
+    hooks = StageHooks(stop, steps_per_epoch, p.epochs, mid_epoch=p.loader != "dataloader",
                        record=EpochRecord(run, setup, device, params, job_dir, paths.history) if main else None)
     try:
         with stop.installed():
@@ -191,7 +200,7 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
     return 0
 
 
-def warm_up(main: bool) -> MlflowClient | None:
+def warm_up_store(main: bool) -> MlflowClient | None:
     """What needs no data, done while the data loads: torch._dynamo, which the optimizer's first
     method call imports (1.6 s on a 2-core CPU), and on rank 0 the MLflow store (its client's
     imports, 1.2 s, and the check that it answers: UserError if not). Returns rank 0's client."""
@@ -221,7 +230,7 @@ def restored_state(resume: dict | None, resume_path: Path | None, setup: engine.
     if not resume:
         return engine.TrainState()
     p = params.train
-    state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader == "device")
+    state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader != "dataloader")
     if group.is_main and state.epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
         print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
               f"{resume['mlflow_run_id']} from it (no retraining)")
@@ -245,9 +254,35 @@ def stopped(state: engine.TrainState, stop: StopRequest, run: job.JobRun | None,
              else f"after epoch {state.epoch}")
     how = ("Run `dvc repro` to resume." if not workspace.in_temporary_copy() else
            f"To resume, queue experiment {workspace.experiment_name()!r} again with the same params "
-           "(`dvc exp run --queue -n NAME -S ...`) and run `dvc queue start` (docs/9-tools.md).")
+           "(`dvc exp run --queue -n NAME -S ...`) and run `dvc queue start` (docs/10-tools.md).")
     print(f"stopped {where}: checkpoint saved to {job_dir / 'last.pt'}. {how}")
     return exit_code
+
+
+def build_setup(data: TrainingData, params: Params, device: torch.device, group: Group,
+                steps_per_epoch: int) -> engine.TrainingSetup:
+    """engine.build_training with what the recipe needs of the data: airnet's whitening images."""
+    init = (whitening_images(torch.from_numpy(data.train_x).to(device), data.mean, data.std)
+            if params.model.name == "airnet" else None)
+    return engine.build_training(params.model, params.train, device, group, steps_per_epoch=steps_per_epoch,
+                                 init_images=init)
+
+
+def prepare_steps(setup: engine.TrainingSetup, state: engine.TrainState, p: TrainParams,
+                  train_batches: Callable[[int, int], engine.Batches], log: Callable[[str], None]) -> None:
+    """Before the timed epochs: airnet's whitening time joins epoch 1's (airbench94's timer counts it
+    too); the kernel warm-up (train.kernel_warmup_steps, undone bitwise) and the CUDA graph's capture
+    do not, and are printed instead."""
+    if not state.history and not state.progress.step and setup.init_seconds:
+        state.seconds = setup.init_seconds
+        log(f"whitening layer computed from the training images in {setup.init_seconds:.3f} s (part of epoch 1's time)")
+    if p.kernel_warmup_steps and state.epoch < p.epochs:
+        t0 = time.perf_counter()
+        x, y = next(iter(train_batches(state.epoch, 0)))
+        warm_up(setup.step, x, y, p.kernel_warmup_steps)
+        captured = ", then the step captured as a CUDA graph" if getattr(setup.step, "graph", None) else ""
+        log(f"kernel warm-up: {p.kernel_warmup_steps} steps, undone{captured}, in {time.perf_counter() - t0:.2f} s "
+            "(not part of the epochs' time)")
 
 
 def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, setup: engine.TrainingSetup,

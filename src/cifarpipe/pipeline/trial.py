@@ -1,10 +1,11 @@
 """One trial of a hyperparameter search: the train stage's training, on the split's training part,
 validated on its validation part (never the test set), without checkpoints, outputs or MLflow.
 
-The same data (pipeline.train.load_data), setup (engine.build_training), batches
-(pipeline.train.epoch_batches) and loop (engine.fit) as the train stage, in the same order from the
-same seeds: a trial's per-epoch validation accuracy is what `dvc exp run -S recipe=<its recipe>`
-logs, on the same machine with the same number of CPU threads. After each epoch `on_epoch(row)`
+The same data (pipeline.train.load_data), batches (pipeline.train.epoch_batches), setup
+(pipeline.train.build_setup), kernel warm-up (pipeline.train.prepare_steps) and loop (engine.fit)
+as the train stage, in the same order from the same seeds: a trial's per-epoch validation accuracy
+is what `dvc exp run -S recipe=<its recipe>` logs, on the same machine with the same number of CPU
+threads. After each epoch `on_epoch(row)`
 says whether to stop (a pruned trial).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import yaml
 
 from cifarpipe.config import Params, UserError
-from cifarpipe.pipeline.train import TrainingData, TrainPaths, epoch_batches, load_data
+from cifarpipe.pipeline.train import TrainingData, TrainPaths, build_setup, epoch_batches, load_data, prepare_steps
 from cifarpipe.training import engine
 from cifarpipe.training.distributed import Group
 
@@ -63,9 +64,10 @@ def train_trial(params: Params, data: TrainingData, device: torch.device,
                 on_epoch: Callable[[dict[str, float]], bool]) -> list[dict[str, float]]:
     """Train `params` for params.train.epochs epochs, or until `on_epoch(row)` returns True; the
     per-epoch rows (the train stage's history.csv columns)."""
-    setup = engine.build_training(params.model, params.train, device)
     steps_per_epoch, train_batches, val_batches = epoch_batches(data, params, device, Group())
+    setup = build_setup(data, params, device, Group(), steps_per_epoch)
     state = engine.TrainState()
+    prepare_steps(setup, state, params.train, train_batches, log=lambda line: None)
     engine.fit(setup, state, params.train.epochs, train_batches, val_batches, steps_per_epoch,
                _TrialHooks(on_epoch), log_every=0)
     return state.history

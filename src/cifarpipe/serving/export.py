@@ -2,7 +2,8 @@
 (N, classes) out, for runtimes that have neither this package nor MLflow.
 
 The graph holds the run's normalisation, computed as inference.normalise computes it (x * scale
-+ shift in one addcmul, with the same float32 constants), then the network, then a softmax: what
++ shift in one addcmul, with the same float32 constants), then the network on the model's
+test-time views (model.tta, averaged as engine.eval_logits averages them), then a softmax: what
 `Classifier.probabilities` returns for the same images. The batch dimension is dynamic. The class
 names travel in the file (ONNX metadata `classes`, the .pt2 archive's extra file `classes.json`).
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from cifarpipe.config import UserError
 from cifarpipe.serving.inference import BATCH, SIDE, Classifier, check_images
+from cifarpipe.training.engine import eval_logits
 
 Format = Literal["onnx", "pt2"]
 INPUT, OUTPUT = "images", "probabilities"  # the graph's input and output names
@@ -31,11 +33,11 @@ _EXAMPLE_BATCH = 4  # a batch of 1 would let the exporter specialise the batch d
 
 
 class ExportedClassifier(nn.Module):
-    """uint8 NHWC images -> probabilities, the normalisation inside."""
+    """uint8 NHWC images -> probabilities, the normalisation and the test-time views inside."""
 
     def __init__(self, classifier: Classifier) -> None:
         super().__init__()
-        self.network = classifier.network.eval()
+        self.network, self.tta = classifier.network.eval(), classifier.tta
         # Exactly inference.normalise's constants: float32, the same operations in the same order.
         std_255 = torch.tensor(classifier.std).view(1, 3, 1, 1) * 255
         self.register_buffer("scale", 1 / std_255)
@@ -43,7 +45,7 @@ class ExportedClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = torch.addcmul(self.shift, images.permute(0, 3, 1, 2).float(), self.scale)
-        return torch.softmax(self.network(x).float(), dim=1)
+        return torch.softmax(eval_logits(self.network, x, tta=self.tta), dim=1)
 
 
 def _module_and_example(classifier: Classifier) -> tuple[nn.Module, torch.Tensor, dict]:

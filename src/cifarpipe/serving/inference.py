@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cifarpipe.config import ModelParams
+from cifarpipe.training.engine import eval_logits
 from cifarpipe.training.models import build_model
 
 SIDE = 32  # CIFAR-10 images are 32 x 32 pixels, RGB
@@ -74,11 +75,12 @@ def result_table(probabilities: np.ndarray, classes: list[str]) -> pd.DataFrame:
 
 @dataclass
 class Classifier:
-    """A trained network with its run's normalisation and class names."""
+    """A trained network with its run's normalisation, class names and test-time views (model.tta)."""
     network: nn.Module
     mean: list[float]
     std: list[float]
     classes: list[str]
+    tta: str = "none"  # the views the evaluate stage averages for this model (engine.eval_logits)
 
     @classmethod
     def from_weights(cls, weights: dict[str, Any], device: str | torch.device = "cpu") -> "Classifier":
@@ -86,9 +88,11 @@ class Classifier:
         missing = [k for k in ("model", "state_dict", "mean", "std", "classes") if k not in weights]
         if missing:
             raise ValueError(f"not a weights file of this project: it lacks {', '.join(missing)}")
-        network = build_model(ModelParams(**weights["model"]), num_classes=len(weights["classes"]))
+        model = ModelParams(**weights["model"])  # written before model.tta existed: "none"
+        network = build_model(model, num_classes=len(weights["classes"]))
         network.load_state_dict(weights["state_dict"])
-        return cls(network.to(device).eval(), list(weights["mean"]), list(weights["std"]), list(weights["classes"]))
+        return cls(network.to(device).eval(), list(weights["mean"]), list(weights["std"]), list(weights["classes"]),
+                   model.tta)
 
     @property
     def device(self) -> torch.device:
@@ -99,8 +103,8 @@ class Classifier:
         """fp32 logits (N, classes) on the CPU, computed on the network's device in batches of BATCH."""
         x = torch.from_numpy(np.ascontiguousarray(check_images(images)))
         self.network.eval()
-        out = [self.network(normalise(x[i:i + BATCH].to(self.device), self.mean, self.std)).float().cpu()
-               for i in range(0, len(x), BATCH)]
+        out = [eval_logits(self.network, normalise(x[i:i + BATCH].to(self.device), self.mean, self.std),
+                           tta=self.tta).cpu() for i in range(0, len(x), BATCH)]
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 
     def probabilities(self, images: Any) -> np.ndarray:

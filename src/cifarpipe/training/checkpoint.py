@@ -7,7 +7,10 @@ then step (optimizer steps into the unfinished epoch, 0 at an epoch boundary), e
 (that epoch's running sums), epoch_seconds_so_far, history (one dict of metrics per finished
 epoch), best_val_accuracy, rng (torch CPU and CUDA generator states), data_rng_seed,
 mlflow_run_id, fingerprint, complete (True once the last epoch is done and the final outputs are
-about to be written) and model_name.
+about to be written), model_name, schedule_step (optimizer steps of the whole training so far: where
+the per-step rates and Lookahead continue) and lookahead_state_dict (its slow weights; {} without).
+airnet's whitening filters are weights of the model, in model_state_dict; the per-step rate tensors
+are in optimizer_state_dict's groups and re-linked to the rate table on restore.
 
 Each job keeps its checkpoints in a folder of its own, `<checkpoint dir>/<fingerprint>/`, where
 the fingerprint hashes the training params, the data and the training code: one experiment
@@ -82,7 +85,9 @@ def build(state: TrainState, setup: TrainingSetup, device: torch.device, *, seed
             # Data order and augmentation of epoch e are drawn from a generator seeded with
             # batches.epoch_seed(train.seed, e): this seed regenerates the whole stream of any epoch.
             "data_rng_seed": seed,
-            "mlflow_run_id": run_id, "fingerprint": fingerprint, "complete": complete, "model_name": model_name}
+            "mlflow_run_id": run_id, "fingerprint": fingerprint, "complete": complete, "model_name": model_name,
+            "schedule_step": setup.step.global_step if setup.step else 0,
+            "lookahead_state_dict": setup.step.lookahead.state_dict() if setup.step and setup.step.lookahead else {}}
 
 
 def restore(ckpt: dict[str, Any], setup: TrainingSetup, device: torch.device, *, mid_epoch: bool) -> TrainState:
@@ -94,8 +99,16 @@ def restore(ckpt: dict[str, Any], setup: TrainingSetup, device: torch.device, *,
     setup.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
     restore_rng_state(ckpt["rng"], device)
     progress = EpochProgress(**ckpt["epoch_progress"])
+    schedule_step = ckpt.get("schedule_step", 0)
     if progress.step and not mid_epoch:
+        schedule_step -= progress.step  # the unfinished epoch is redone from its start
         progress = EpochProgress()
+    if setup.step:
+        setup.step.global_step = schedule_step
+        if setup.step.rates:  # load_state_dict put the file's (CPU) rate tensors into the groups
+            setup.step.rates.attach(setup.optimizer)
+        if setup.step.lookahead:
+            setup.step.lookahead.load_state_dict(ckpt["lookahead_state_dict"])
     return TrainState(epoch=ckpt["epoch"], progress=progress, history=ckpt["history"],
                       seconds=ckpt["epoch_seconds_so_far"] if progress.step else 0.0,
                       best_val_accuracy=ckpt["best_val_accuracy"])

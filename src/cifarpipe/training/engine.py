@@ -18,8 +18,10 @@ from torch.nn import functional as F
 
 from cifarpipe.config import ModelParams, TrainParams, UserError
 from cifarpipe.training.distributed import Group
+from cifarpipe.training.lookahead import Lookahead
 from cifarpipe.training.models import build_model
-from cifarpipe.training.optim import EpochSchedule, make_optimizer, make_scheduler
+from cifarpipe.training.optim import EpochSchedule, StepRates, linear_rates, make_optimizer, make_scheduler
+from cifarpipe.training.step import GraphedStep, TrainStep
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -96,18 +98,30 @@ class TrainingSetup:
     scheduler: EpochSchedule
     loss_fn: nn.Module
     amp: bool
+    step: TrainStep | None = None  # what train_one_epoch calls per batch (with the per-step rates, Lookahead)
+    init_seconds: float = 0.0  # set-up that counts as training: airnet's whitening from the training images
 
 
-def build_training(model_params: ModelParams, p: TrainParams, device: torch.device,
-                   group: Group = Group()) -> TrainingSetup:
+def build_training(model_params: ModelParams, p: TrainParams, device: torch.device, group: Group = Group(), *,
+                   steps_per_epoch: int | None = None, init_images: torch.Tensor | None = None) -> TrainingSetup:
     """The course's recipe on `device`, seeded: the one setup the train stage and the benchmarks share.
-    With a process `group`, the module is wrapped in DistributedDataParallel."""
+    With a process `group`, the module is wrapped in DistributedDataParallel. `steps_per_epoch` is
+    needed by the per-step schedule and Lookahead; `init_images` (normalised training images) by
+    airnet's whitening layer, computed here, before the model is copied to other processes."""
     if p.deterministic:
         make_deterministic()
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: autotuned kernels pay off after one batch
     torch.manual_seed(p.seed)
-    model = build_model(model_params).to(device)
+    model = build_model(model_params)
+    t0 = time.perf_counter()
+    if hasattr(model, "init_whitening"):
+        if init_images is None:
+            raise ValueError(f"model {model_params.name} needs training images for its whitening layer")
+        model.init_whitening(init_images)
+        model.whiten.bias.requires_grad_(p.optimizer.whiten_bias_epochs > 0)
+    init_seconds = time.perf_counter() - t0
+    model = model.to(device)
     if p.channels_last and device.type in ("cuda", "cpu"):
         # The loader's batches are already NHWC in memory. Measured on a 2-core CPU: the course CNN
         # at batch 64 trains at ~10k img/s with NHWC weights vs ~7k img/s NCHW (oneDNN's
@@ -116,70 +130,97 @@ def build_training(model_params: ModelParams, p: TrainParams, device: torch.devi
     optimizer = make_optimizer(model, p.optimizer)
     wrapped = group.wrap(model, device)
     step_model = torch.compile(wrapped) if p.compile else wrapped
-    return TrainingSetup(model=model, step_model=step_model, eval_model=model if group.active else step_model,
-                         optimizer=optimizer,
-                         scheduler=make_scheduler(optimizer, p.scheduler),
-                         loss_fn=nn.CrossEntropyLoss(label_smoothing=p.label_smoothing), amp=amp_enabled(p.amp, device))
+    setup = TrainingSetup(model=model, step_model=step_model, eval_model=model if group.active else step_model,
+                          optimizer=optimizer, scheduler=make_scheduler(optimizer, p.scheduler),
+                          loss_fn=nn.CrossEntropyLoss(label_smoothing=p.label_smoothing), amp=amp_enabled(p.amp, device),
+                          init_seconds=init_seconds)
+    setup.step = make_step(setup, p, steps_per_epoch)
+    return setup
+
+
+def make_step(setup: TrainingSetup, p: TrainParams, steps_per_epoch: int | None) -> TrainStep:
+    """The step of `p`: eager, or GraphedStep with train.cuda_graph; with per-step rates and Lookahead if set."""
+    rates = lookahead = None
+    per_step = p.scheduler.name == "linear" or p.lookahead.every
+    if per_step and not steps_per_epoch:
+        raise ValueError("the per-step schedule and Lookahead need steps_per_epoch")
+    total = p.epochs * (steps_per_epoch or 0)
+    if p.scheduler.name == "linear":
+        stops = {"whiten_bias": p.optimizer.whiten_bias_epochs * steps_per_epoch}
+        rates = StepRates(setup.optimizer, linear_rates(setup.optimizer, p.scheduler, total, stops))
+    if p.lookahead.every:
+        lookahead = Lookahead(setup.model, p.lookahead, total)
+    kind = GraphedStep if p.cuda_graph else TrainStep
+    return kind(setup.step_model, setup.optimizer, setup.loss_fn, amp=setup.amp, rates=rates, lookahead=lookahead,
+                running_loss=p.log_every > 0)
 
 
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                     *, progress: EpochProgress | None = None, amp: bool = False, log_every: int = 0,
                     log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None,
-                    should_stop: Callable[[], bool] = lambda: False) -> EpochProgress:
+                    should_stop: Callable[[], bool] = lambda: False, step: TrainStep | None = None) -> EpochProgress:
     """Train over `batches`; continue the sums of `progress` if the epoch was interrupted before.
 
+    Each batch is one call of `step` (step.py: zero_grad, forward, loss, backward, optimizer step and
+    the metric sums, on the device; by default a plain TrainStep of `model`, `optimizer`, `loss_fn`).
     `on_step(step)` runs after every optimizer step (progress bar, fault injection);
     `should_stop()` is checked after every step: True ends the epoch early (a safe point).
-    The step minimizes `loss_fn` (with label smoothing if configured); the loss that is summed,
-    returned and printed is the plain cross-entropy of the same logits, the definition `evaluate`
-    uses, so train and validation losses are comparable on one chart.
+    The sums are read back once, at the end; the running loss every `log_every` batches.
     """
     progress = progress or EpochProgress()
-    device = next(model.parameters()).device
-    loss_sum = torch.tensor(progress.loss_sum, device=device)
-    correct = torch.tensor(progress.correct, device=device)
-    running = torch.zeros((), device=device)
-    step, seen = progress.step, progress.seen
+    step_fn = step or TrainStep(model, optimizer, loss_fn, amp=amp)
+    step_fn.begin(progress.loss_sum, progress.correct)
+    done, seen = progress.step, progress.seen
     model.train()
     for x, y in batches:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-            loss = loss_fn(logits, y)  # what is optimized
-        loss.backward()
-        optimizer.step()
-
-        logits = logits.detach().float()
-        plain_ce = F.cross_entropy(logits, y)  # what is reported: no smoothing (10 classes: a tiny extra op)
-        loss_sum += plain_ce * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        running += plain_ce  # the course's running loss, also plain cross-entropy
+        step_fn(x, y)
         seen += len(y)
-        step += 1
-        if log_every and step % log_every == 0:
-            log(f"  batch {step:5d}: running loss {running.item() / log_every:.3f}")
-            running.zero_()
+        done += 1
+        if log_every and done % log_every == 0:
+            log(f"  batch {done:5d}: running loss {step_fn.running.item() / log_every:.3f}")
+            step_fn.running.zero_()
         if on_step:
-            on_step(step)
+            on_step(done)
         if should_stop():
             break
-    return EpochProgress(step, loss_sum.item(), int(correct.item()), seen)
+    return EpochProgress(done, step_fn.loss_sum.item(), int(step_fn.correct.item()), seen)
 
 
-def eval_logits(model: nn.Module, x: torch.Tensor, *, amp: bool = False, tta_flip: bool = False) -> torch.Tensor:
-    """The model's fp32 logits for `x` (call under no_grad, model in eval mode); with `tta_flip`, the
-    average with the mirror image's (flips are label-preserving in CIFAR-10)."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(x)
-        flipped = model(x.flip(3)) if tta_flip else None
-    # fp32 from here: bf16 keeps 8 significant bits, so a flip average in bf16 rounds (1.0 +
-    # 1.0078 is 2.0, a tie with 1.0 + 1.0) and argmax then takes the lower class index.
-    logits = logits.float()
-    return logits if flipped is None else (logits + flipped.float()) / 2
+TTA_MODES = ("none", "flip", "flip_translate")
+
+
+def views_for(model_tta: str, tta_flip: bool) -> str:
+    """The views evaluation averages: the model's own (model.tta, in its weights file), else the
+    mirror pair of evaluate.tta_flip (an evaluation setting for models without TTA), else none."""
+    return model_tta if model_tta != "none" else "flip" if tta_flip else "none"
+
+
+def eval_logits(model: nn.Module, x: torch.Tensor, *, amp: bool = False, tta: str = "none") -> torch.Tensor:
+    """The model's fp32 logits for `x` (call under no_grad, model in eval mode), averaged over the
+    test-time views of `tta` (flips and small shifts are label-preserving in CIFAR-10):
+    none: x alone; flip: x and its mirror, 1/2 each; flip_translate: that pair at weight 1/2, and
+    the pairs of x shifted by one pixel up-left and down-right (edge mirrored) at 1/4 each, 6 views."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+
+    def pair(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(images)
+            flipped = model(images.flip(3)) if tta != "none" else None
+        # fp32 from here: bf16 keeps 8 significant bits, so a flip average in bf16 rounds (1.0 +
+        # 1.0078 is 2.0, a tie with 1.0 + 1.0) and argmax then takes the lower class index.
+        logits = logits.float()
+        return logits if flipped is None else (logits + flipped.float()) / 2
+
+    if tta != "flip_translate":
+        return pair(x)
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = pair(padded[:, :, :32, :32]) + pair(padded[:, :, 2:, 2:])
+    return pair(x) / 2 + shifted / 4
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False, tta_flip: bool = False,
+def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False, tta: str = "none",
              confidences: bool = False) -> EvalResult:
     """Mean cross-entropy and accuracy over `batches`, with the model in eval mode; with
     `confidences`, also each prediction's softmax probability (from the same logits)."""
@@ -188,7 +229,7 @@ def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False, tta_flip:
     loss_sum = torch.zeros((), device=device)
     preds, probs, n, correct = [], [], 0, torch.zeros((), device=device, dtype=torch.long)
     for x, y in batches:
-        logits = eval_logits(model, x, amp=amp, tta_flip=tta_flip)
+        logits = eval_logits(model, x, amp=amp, tta=tta)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         pred = logits.argmax(1)
         correct += (pred == y).sum()
@@ -272,7 +313,8 @@ def fit(setup: TrainingSetup, state: TrainState, epochs: int, train_batches: Cal
         t0 = time.perf_counter()
         done = train_one_epoch(setup.step_model, train_batches(epoch, done.step), setup.optimizer, setup.loss_fn,
                                progress=done, amp=setup.amp, log_every=log_every, log=log,
-                               on_step=lambda step: hooks.step_done(epoch, step), should_stop=should_stop)
+                               on_step=lambda step: hooks.step_done(epoch, step), should_stop=should_stop,
+                               step=setup.step)
         seconds = state.seconds + time.perf_counter() - t0
         if group.active:
             loss_sum, correct, seen = group.sum([done.loss_sum, done.correct, done.seen], device)
@@ -289,7 +331,7 @@ def fit(setup: TrainingSetup, state: TrainState, epochs: int, train_batches: Cal
             n = len(val.predictions)
             loss_sum, correct, n = group.sum([val.loss * n, val.accuracy * n, n], device)
             val = EvalResult(loss_sum / n, round(correct) / n, val.predictions)
-        lr = setup.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+        lr = float(setup.optimizer.param_groups[0]["lr"])  # the rate this epoch trained with (per-step: its last)
         setup.scheduler.end_epoch(epoch, val.accuracy, val.loss)  # the plateau scheduler, after warm-up
         row = {"epoch": epoch + 1, "train_loss": done.loss, "train_accuracy": done.accuracy,
                "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": lr, "epoch_seconds": seconds,
