@@ -1,7 +1,7 @@
 """A hyperparameter search in MLflow: one parent run per study, one nested run per trial.
 
 The parent (named `tune-<study>`, tags tune.study and tune.storage) holds the search file, the
-search's settings as params, one `trial_val_accuracy` value per finished trial (step = trial
+search's settings as params, one `trial_val_accuracy` value per complete trial (step = trial
 number: the search's progress as a chart) and, at the end, the best trial and its recipe. Each
 trial is a run nested under it (MLflow's own tag mlflow.parentRunId, so the UI shows it inside the
 parent) with every param in force and the per-epoch metrics of the train stage; its tag
