@@ -114,13 +114,14 @@ def build_training(model_params: ModelParams, p: TrainParams, device: torch.devi
         torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: autotuned kernels pay off after one batch
     torch.manual_seed(p.seed)
     model = build_model(model_params)
-    t0 = time.perf_counter()
+    init_seconds = 0.0  # no set-up counts as training unless the model has a whitening layer
     if hasattr(model, "init_whitening"):
         if init_images is None:
             raise ValueError(f"model {model_params.name} needs training images for its whitening layer")
+        t0 = time.perf_counter()
         model.init_whitening(init_images)
+        init_seconds = time.perf_counter() - t0
         model.whiten.bias.requires_grad_(p.optimizer.whiten_bias_epochs > 0)
-    init_seconds = time.perf_counter() - t0
     model = model.to(device)
     if p.channels_last and device.type in ("cuda", "cpu"):
         # The loader's batches are already NHWC in memory. Measured on a 2-core CPU: the course CNN
