@@ -27,7 +27,7 @@ from cifarpipe.serving import export
 from cifarpipe.serving.inference import PROB_PREFIX, Classifier
 
 CHECK_FAILED_EXIT = 1
-DEFAULT_TOLERANCE = 1e-4  # max |probability difference|; measured: under 1e-7 for both formats
+DEFAULT_TOLERANCE = 1e-4  # max |probability difference|; measured on CIFAR-10's 10,000 test images: 6.6e-7 (onnx), 0 (pt2)
 
 
 def load_source(model: str, run: str | None) -> tuple[Classifier, Callable[[np.ndarray], np.ndarray], str]:
