@@ -42,9 +42,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cuda_pipeline as cp  # noqa: E402
+import overhead  # noqa: E402
 import step_profile  # noqa: E402
 
-from cifarpipe.config import flatten, load_params, read_recipe, with_overrides  # noqa: E402
+from cifarpipe.config import load_params, read_recipe, with_overrides  # noqa: E402
 from cifarpipe.data import archive  # noqa: E402
 from cifarpipe.data.batches import DeviceBatches  # noqa: E402
 from cifarpipe.training import engine  # noqa: E402
@@ -52,7 +53,7 @@ from cifarpipe.training.models import build_model  # noqa: E402
 from cifarpipe.config import ModelParams  # noqa: E402
 
 REPO = cp.REPO
-STAGE_LINES = ("whitening layer", "kernel warm-up", "phases:", "training airnet")
+STAGE_LINES = ("whitening layer", "kernel warm-up", "training airnet", "train stage:", "evaluate stage:")
 
 
 def base_params(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
@@ -75,12 +76,12 @@ def base_params(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
 
 
 def stage_phases(ws: cp.Workspace) -> dict:
-    """What the stage says about its phases: our lines, and the phase timers if the stage writes them
-    (outputs/timings.json or a `phases:` line; not every version of the stage does)."""
-    lines = [line.strip() for line in ws.log.read_text(errors="replace").splitlines()
-             if any(key in line for key in STAGE_LINES)]
-    timings = ws.dir / "outputs" / "timings.json"
-    return {"lines": lines, "timings": json.loads(timings.read_text()) if timings.exists() else None}
+    """What the stages said about their phases: our lines, and the last phase line of each stage
+    (cifarpipe.pipeline.phases: "train stage: 9.1 s = start 2.6 + load data 0.8 + ...") as
+    {phase: seconds}."""
+    log = ws.log.read_text(errors="replace")
+    lines = [line.strip() for line in log.splitlines() if any(key in line for key in STAGE_LINES)]
+    return {"lines": lines, **{stage: overhead.collect_phases(log, stage) for stage in ("train", "evaluate")}}
 
 
 def train_run(ws: cp.Workspace, env: dict, timeout: float) -> dict:
@@ -112,6 +113,8 @@ def evaluate_all(spaces: dict[str, cp.Workspace], entries: dict, env: dict) -> N
             entries[name]["evaluate_stage"]["again"] = spaces[name].run("evaluate", env, 300)
         metrics = spaces[name].read("metrics.json")
         entries[name]["test_accuracy"] = metrics["accuracy"] if metrics else None
+        lines = (spaces[name].dir / "evaluate.log").read_text(errors="replace")
+        entries[name]["phases"]["evaluate"] = overhead.collect_phases(lines, "evaluate")
 
 
 def timed_test_pass(ws: cp.Workspace, device: torch.device, test_x, test_y) -> dict:

@@ -314,7 +314,10 @@ def choose_recipe(candidates: dict[str, Params], arrays: data.Cifar10Arrays, sp:
     return max(table, key=lambda row: row["final_val_accuracy"])["candidate"], table
 
 
-def main() -> None:
+FAST = "ours, course CNN, fast recipe"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archive", type=Path, required=True, help="the real cifar-10-python.tar.gz")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="our pipeline's settings")
@@ -339,8 +342,22 @@ def main() -> None:
     ap.add_argument("--tracking-repeats", type=int, default=5, help="off/on/off rounds, interleaved (medians reported)")
     ap.add_argument("--skip", action="append", default=[], choices=["course", "fast", "resnet", "tracking"])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.json"))
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
+
+@dataclass
+class Plan:
+    """Our configurations, every one validated before anything is trained, with the commands that reproduce them."""
+    base: Params
+    user_overrides: list[str]  # --set as given; args.overrides is the same with `recipe=` first
+    configs: dict[str, Params]  # name -> params, in the order they run
+    commands: dict[str, str]  # name -> `dvc exp run -S ...`
+    candidates: dict[str, Params]  # --sweep: the fast recipe's candidates
+    fast: list[str]  # the fast recipe's overrides
+    fast_params: Params
+
+
+def plan_configurations(args: argparse.Namespace) -> Plan:
     user_overrides = list(args.overrides)
     base = with_overrides(load_params(args.params, recipe=args.recipe), user_overrides, "--set")
     if args.recipe:  # the commands that reproduce each configuration name it first
@@ -360,24 +377,32 @@ def main() -> None:
     fast_params = (with_overrides(base, fast, "--fast") if args.fast
                    else with_overrides(load_params(args.params, recipe="fast"), user_overrides, "--set"))
     if "fast" not in args.skip:
-        name = "ours, course CNN, fast recipe"
         first, *rest = configs.items()  # the fast recipe second, after params.yaml's
-        configs = dict([first, (name, fast_params), *rest])
-        commands[name] = exp_run_command([*(args.overrides if args.fast else user_overrides), *fast])
-    device = engine.pick_device(args.device)
-    arrays = data.arrays_from_archive(args.archive)
-    sp = split.make_split(len(arrays.train_labels), base.split.val_fraction, base.split.seed, base.split.method)
-    sweep = None
-    if candidates:
-        print(f"0. choosing the fast recipe among {len(candidates)} candidates on validation accuracy", flush=True)
-        chosen, sweep = choose_recipe(candidates, arrays, sp, device)
-        fast = ["model.name=course_cnn", *chosen.split()]
-        fast_params = candidates[chosen]
-        if "ours, course CNN, fast recipe" in configs:  # the chosen one is trained again, now with test figures
-            configs["ours, course CNN, fast recipe"] = candidates[chosen]
-            commands["ours, course CNN, fast recipe"] = exp_run_command([*args.overrides, *fast])
-        print(f"chosen on validation accuracy: {chosen}", flush=True)
+        configs = dict([first, (FAST, fast_params), *rest])
+        commands[FAST] = exp_run_command([*(args.overrides if args.fast else user_overrides), *fast])
+    return Plan(base, user_overrides, configs, commands, candidates, fast, fast_params)
 
+
+def sweep_fast_recipe(args: argparse.Namespace, plan: Plan, arrays: data.Cifar10Arrays, sp: split.Split,
+                      device: torch.device) -> list[dict] | None:
+    """--sweep: the candidate chosen on validation accuracy becomes the plan's fast recipe; the
+    candidates' validation figures, or None without --sweep."""
+    if not plan.candidates:
+        return None
+    print(f"0. choosing the fast recipe among {len(plan.candidates)} candidates on validation accuracy", flush=True)
+    chosen, sweep = choose_recipe(plan.candidates, arrays, sp, device)
+    plan.fast = ["model.name=course_cnn", *chosen.split()]
+    plan.fast_params = plan.candidates[chosen]
+    if FAST in plan.configs:  # the chosen one is trained again, now with test figures
+        plan.configs[FAST] = plan.candidates[chosen]
+        plan.commands[FAST] = exp_run_command([*args.overrides, *plan.fast])
+    print(f"chosen on validation accuracy: {chosen}", flush=True)
+    return sweep
+
+
+def run_configurations(args: argparse.Namespace, plan: Plan, arrays: data.Cifar10Arrays, sp: split.Split,
+                       device: torch.device) -> tuple[list[Result], dict | None]:
+    """The course loop, our configurations, then the MLflow overhead: the results and the overhead's figures."""
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -388,17 +413,22 @@ def main() -> None:
                 (root / data.BATCH_DIR / name).write_bytes(raw)
             print("1. the course's loop", flush=True)
             results.append(course_loop(root, args.course_epochs, device))
-        for i, (name, params) in enumerate(configs.items(), start=2):
-            print(f"{i}. {name}: {commands[name]}", flush=True)
+        for i, (name, params) in enumerate(plan.configs.items(), start=2):
+            print(f"{i}. {name}: {plan.commands[name]}", flush=True)
             seconds = args.resnet_seconds if params.model.name == "cifar_resnet" else None
             results.append(our_engine(name, arrays, sp, params, device, None, seconds))
         overhead = None
         if "tracking" not in args.skip:
-            print(f"{len(configs) + 2}. MLflow overhead: the fast recipe, tracking off, on and off again, interleaved", flush=True)
+            print(f"{len(plan.configs) + 2}. MLflow overhead: the fast recipe, tracking off, on and off again, interleaved", flush=True)
             # The fast recipe: the shortest epochs, so the largest share for the fixed per-epoch logging.
-            params = with_overrides(fast_params, [f"train.epochs={args.tracking_epochs}"], "--tracking-epochs")
+            params = with_overrides(plan.fast_params, [f"train.epochs={args.tracking_epochs}"], "--tracking-epochs")
             overhead = mlflow_overhead(arrays, sp, params, device, args.tracking_repeats, tmp)
+    return results, overhead
 
+
+def print_table(args: argparse.Namespace, results: list[Result]) -> tuple[list[dict], float | None]:
+    """One row per configuration; returns the report's rows and the target (the course loop's final
+    test accuracy, None when the course loop was skipped)."""
     target = results[0].final_accuracy if "course" not in args.skip else None
     base_result = results[0] if target is not None else None
     width = max(len(r.name) for r in results) + 2
@@ -426,10 +456,15 @@ def main() -> None:
               f"{best['epoch']:>12d}{best['val_accuracy']:>9.4f}{best['test_accuracy']:>9.4f}"
               f"{seconds(to_target, target):>13}{(f'{speedup:.1f}x' if speedup else '-'):>10}"
               + (f"{seconds(to_extra, args.target):>14}" if args.target is not None else ""))
+    return rows, target
+
+
+def print_notes(args: argparse.Namespace, plan: Plan, target: float | None, overhead: dict | None) -> None:
+    """The lines under the table: the target, the fast recipe's command, the MLflow overhead."""
     if target is not None:
         print(f"target: the course loop's {args.course_epochs}-epoch test accuracy, {target:.4f}")
     if "fast" not in args.skip:
-        print(f"fast recipe: {commands['ours, course CNN, fast recipe']}")
+        print(f"fast recipe: {plan.commands[FAST]}")
     if overhead:
         print(f"MLflow overhead ({args.tracking_repeats} interleaved off/on/off rounds of {args.tracking_epochs} epochs): "
               f"tracking used {overhead['tracking_cpu_seconds']:.3f} s during training, "
@@ -439,16 +474,33 @@ def main() -> None:
               f"on {', '.join(f'{s:.1f}' for s in overhead['seconds_on'])} s; "
               f"off again {', '.join(f'{s:.1f}' for s in overhead['seconds_off_again'])} s); "
               f"plus {overhead['setup_seconds']:.1f} s once, before epoch 1 (run, params, requirements)")
+
+
+def write_report(args: argparse.Namespace, plan: Plan, device: torch.device, target: float | None, rows: list[dict],
+                 sweep: list[dict] | None, overhead: dict | None) -> None:
     report = {"date": date.today().isoformat(), "device": engine.device_name(device) if device.type == "cuda"
               else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
               "torch": torch.__version__, "archive": str(args.archive), "target_accuracy": target,
               "extra_target_accuracy": args.target,
-              "configurations": {name: flatten(params) for name, params in configs.items()}, "commands": commands,
-              "results": rows, "sweep": sweep, "mlflow_overhead": overhead,
+              "configurations": {name: flatten(params) for name, params in plan.configs.items()},
+              "commands": plan.commands, "results": rows, "sweep": sweep, "mlflow_overhead": overhead,
               "argv": vars(args) | {"archive": str(args.archive), "params": str(args.params), "out": str(args.out)}}
     atomic.write_text(args.out, json.dumps(report, indent=1, default=str) + "\n")  # never a half-written report
     print(f"wrote {args.out}")
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    plan = plan_configurations(args)  # raises UserError on a bad value, before any training
+    device = engine.pick_device(args.device)
+    arrays = data.arrays_from_archive(args.archive)
+    sp = split.make_split(len(arrays.train_labels), plan.base.split.val_fraction, plan.base.split.seed,
+                          plan.base.split.method)
+    sweep = sweep_fast_recipe(args, plan, arrays, sp, device)
+    results, overhead = run_configurations(args, plan, arrays, sp, device)
+    rows, target = print_table(args, results)
+    print_notes(args, plan, target, overhead)
+    write_report(args, plan, device, target, rows, sweep, overhead)
 
 if __name__ == "__main__":
     try:

@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -45,7 +46,7 @@ import torch
 import yaml
 
 from cifarpipe.data import split
-from cifarpipe.config import flatten, load_params, with_overrides
+from cifarpipe.config import Params, flatten, load_params, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 # What a workspace needs to run the stages: the library, the stage scripts, the pipeline file, the recipes.
@@ -217,7 +218,7 @@ def pack_store(store: Path, runs: dict[str, dict], dest: Path, limit_mb: float, 
             "join": f"cat {' '.join(parts)} | tar -x"}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archive", type=Path, required=True, help="cifar-10-python.tar.gz (official layout)")
     ap.add_argument("--md5", required=True, help="its MD5, as params.yaml's data.md5")
@@ -231,12 +232,11 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1e9, help="seconds; configurations that would start later are skipped")
     ap.add_argument("--pack-into", type=Path, help="also write the store as tar parts into this folder")
     ap.add_argument("--pack-mb", type=float, default=56.0, help="at most this many MiB of the store in the parts")
-    args = ap.parse_args()
-    t_start = time.perf_counter()
+    return ap.parse_args(argv)
 
-    def left() -> float:
-        return args.budget - (time.perf_counter() - t_start)
 
+def prepare_store(args: argparse.Namespace) -> tuple[str, dict[str, str], Params, Path]:
+    """The store's URI, the stages' environment, the base params and params.base.yaml, which holds them."""
     args.work.mkdir(parents=True, exist_ok=True)
     args.store.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{args.store.resolve()}/mlflow.db"
@@ -250,24 +250,32 @@ def main() -> None:
     client = MlflowClient(uri)
     if client.get_experiment_by_name(base.tracking.experiment) is None:
         client.create_experiment(base.tracking.experiment, artifact_location=str((args.store / "artifacts").resolve()))
+    return uri, env, base, base_params
 
-    prep = Workspace(args.work, "data-prep", [], base_params, None)
-    report: dict = {"date": date.today().isoformat(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                    "store": uri, "recipe": args.recipe, "overrides": args.overrides, "configurations": {}}
+
+def prepare_data(work: Path, env: dict[str, str], base_params: Path) -> Path:
+    """The download and split stages, once: the data folder every workspace links to."""
+    prep = Workspace(work, "data-prep", [], base_params, None)
     for stage in ("download", "split"):
         step = prep.run(stage, env, 600)
         if step["rc"] != 0:
             sys.exit(f"{stage} failed: {step['log_tail']}")
-    data_dir = prep.dir / "data"
+    return prep.dir / "data"
 
-    recipe = args.recipe.split()
+
+# (overrides, kill fault or None, the uninterrupted twin or None, train under torchrun)
+Configuration = tuple[list[str], str | None, str | None, bool]
+
+
+def plan_configurations(base: Params, recipe_text: str, data_dir: Path) -> dict[str, Configuration]:
+    """Every configuration by name, in the order they run; the killed ones die in the middle of the middle epoch."""
+    recipe = recipe_text.split()
     epochs = with_overrides(base, recipe).train.epochs
     n_train = len(split.from_json((data_dir / "split.json").read_text()).train)
     steps = n_train // with_overrides(base, recipe).train.batch_size  # train.drop_last: full batches only
     kill_at = f"step:{max(1, (epochs + 1) // 2)}:{max(1, steps // 2)}"  # the middle of the middle epoch
     det = [*recipe, "train.deterministic=true"]
-    plan = {  # name -> (overrides, kill fault or None, uninterrupted twin, train under torchrun)
+    return {
         "course_cnn": ([], None, None, False),
         "resnet": (recipe, None, None, False),
         "resnet-killed": (recipe, kill_at, "resnet", False),
@@ -278,6 +286,12 @@ def main() -> None:
         "resnet-compile": ([*recipe, "train.compile=true"], None, None, False),
         "resnet-ddp1": (recipe, None, None, True),
     }
+
+
+def run_configurations(args: argparse.Namespace, plan: dict[str, Configuration], report: dict, env: dict[str, str],
+                       base_params: Path, data_dir: Path, left: Callable[[], float]) -> dict[str, Workspace]:
+    """Each configuration (--only's) in its workspace while the budget lasts, into report["configurations"];
+    the report is rewritten after each, so partial results survive a timeout."""
     spaces: dict[str, Workspace] = {}
     for name, (overrides, fault, twin, torchrun) in plan.items():
         if args.only and name not in args.only:
@@ -295,40 +309,55 @@ def main() -> None:
             step = ws.run("train", env, min(left(), 120))
             entry["steps"].append(step)
             entry["refused"] = step["rc"] == 2 and any("one process per GPU" in line for line in step["log_tail"])
-            args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
-            continue
-        if fault:
-            step = ws.run("train", {**env, "CIFARPIPE_FAULT": fault}, left(), torchrun)
-            entry["steps"].append(step | {"fault": fault})
-            # Under torchrun the worker is the one killed; torchrun itself then exits 1.
-            entry["killed_by_sigkill"] = step["rc"] == -9 or (torchrun and "Signal 9 (SIGKILL)" in self_log(ws))
-            entry["run_id_before_kill"] = ws.read("run_id.txt")
-            ckpts = list((ws.dir / "outputs" / "checkpoints").glob("*/last.pt"))
-            if ckpts:
-                c = torch.load(ckpts[0], map_location="cpu", weights_only=True)
-                entry["checkpoint_at_kill"] = {"epoch": c["epoch"], "step": c["step"]}
-        for stage in ("train", "evaluate"):
-            step = ws.run(stage, env, left(), torchrun and stage == "train")
-            entry["steps"].append(step)
-            if step["rc"] != 0:
-                break
-        entry["run_id"] = ws.read("run_id.txt")
-        if fault:
-            entry["same_run_id_after_resume"] = entry["run_id"] == entry["run_id_before_kill"]
-        entry["train_metrics"] = ws.read("train_metrics.json")
-        entry["test_metrics"] = ws.read("metrics.json")
-        hist = ws.read("history.csv")
-        if hist is not None:
-            entry["epoch_seconds"] = hist["epoch_seconds"].round(3).tolist()
-            entry["images_per_second_median"] = float(hist["images_per_second"].median())
-            entry["val_accuracy"] = hist["val_accuracy"].round(4).tolist()
-        if twin in spaces and (ws.dir / "outputs" / "model.pt").exists():
-            try:
-                entry["resume_vs_uninterrupted"] = compare(spaces[twin], ws)
-            except Exception as e:  # a report with the reason beats no report
-                entry["resume_vs_uninterrupted"] = {"error": f"{type(e).__name__}: {e}"}
-        args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")  # partial results survive a timeout
+        else:
+            train_and_evaluate(ws, entry, env, left, fault, torchrun)
+            record_outcome(ws, entry, fault, spaces.get(twin) if twin else None)
+        args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return spaces
 
+
+def train_and_evaluate(ws: Workspace, entry: dict, env: dict[str, str], left: Callable[[], float], fault: str | None,
+                       torchrun: bool) -> None:
+    """The train stage (first killed at `fault`, then run again to resume), then evaluate: each step into `entry`."""
+    if fault:
+        step = ws.run("train", {**env, "CIFARPIPE_FAULT": fault}, left(), torchrun)
+        entry["steps"].append(step | {"fault": fault})
+        # Under torchrun the worker is the one killed; torchrun itself then exits 1.
+        entry["killed_by_sigkill"] = step["rc"] == -9 or (torchrun and "Signal 9 (SIGKILL)" in self_log(ws))
+        entry["run_id_before_kill"] = ws.read("run_id.txt")
+        ckpts = list((ws.dir / "outputs" / "checkpoints").glob("*/last.pt"))
+        if ckpts:
+            c = torch.load(ckpts[0], map_location="cpu", weights_only=True)
+            entry["checkpoint_at_kill"] = {"epoch": c["epoch"], "step": c["step"]}
+    for stage in ("train", "evaluate"):
+        step = ws.run(stage, env, left(), torchrun and stage == "train")
+        entry["steps"].append(step)
+        if step["rc"] != 0:
+            break
+
+
+def record_outcome(ws: Workspace, entry: dict, fault: str | None, twin: Workspace | None) -> None:
+    """The run id, metrics and curves a workspace ended with, and how far they are from its uninterrupted twin's."""
+    entry["run_id"] = ws.read("run_id.txt")
+    if fault:
+        entry["same_run_id_after_resume"] = entry["run_id"] == entry["run_id_before_kill"]
+    entry["train_metrics"] = ws.read("train_metrics.json")
+    entry["test_metrics"] = ws.read("metrics.json")
+    hist = ws.read("history.csv")
+    if hist is not None:
+        entry["epoch_seconds"] = hist["epoch_seconds"].round(3).tolist()
+        entry["images_per_second_median"] = float(hist["images_per_second"].median())
+        entry["val_accuracy"] = hist["val_accuracy"].round(4).tolist()
+    if twin is not None and (ws.dir / "outputs" / "model.pt").exists():
+        try:
+            entry["resume_vs_uninterrupted"] = compare(twin, ws)
+        except Exception as e:  # a report with the reason beats no report
+            entry["resume_vs_uninterrupted"] = {"error": f"{type(e).__name__}: {e}"}
+
+
+def check_and_pack(args: argparse.Namespace, report: dict, spaces: dict[str, Workspace], uri: str,
+                   t_start: float) -> None:
+    """The store check of every finished run, the total seconds and, with --pack-into, the store's tar parts."""
     finished = {n: c["run_id"] for n, c in report["configurations"].items() if c.get("run_id")}
     try:
         report["store_check"] = check_store(uri, finished, {n: spaces[n].params.train.epochs for n in finished})
@@ -341,11 +370,27 @@ def main() -> None:
         first = ["resnet-det-ddp1-killed", "resnet-det-killed", "resnet-compile", "resnet-ddp1", "resnet-det", "resnet"]
         runs = dict(sorted(report["store_check"].items(), key=lambda kv: first.index(kv[0]) if kv[0] in first else 9))
         report["store_pack"] = pack_store(args.store, runs, args.pack_into, args.pack_mb)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+
+    def left() -> float:
+        return args.budget - (time.perf_counter() - t_start)
+
+    uri, env, base, base_params = prepare_store(args)
+    report: dict = {"date": date.today().isoformat(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    "store": uri, "recipe": args.recipe, "overrides": args.overrides, "configurations": {}}
+    data_dir = prepare_data(args.work, env, base_params)
+    plan = plan_configurations(base, args.recipe, data_dir)
+    spaces = run_configurations(args, plan, report, env, base_params, data_dir, left)
+    check_and_pack(args, report, spaces, uri, t_start)
     args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(json.dumps({n: {k: c.get(k) for k in ("run_id", "same_run_id_after_resume", "test_metrics")}
                       for n, c in report["configurations"].items()}, indent=1, default=str))
     print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
     main()

@@ -160,8 +160,9 @@ PHASE = re.compile(r"([\w -]+?) ([\d.]+)(?: in the background)?$")
 
 
 def collect_phases(output: str, stage: str) -> dict[str, float] | None:
-    """The phases the stage printed (None if it prints none): {phase: seconds}, background work
-    under "background <name>"."""
+    """The phases the stage printed last (None if it prints none): {phase: seconds}, background
+    work under "background <name>"."""
+    found = None
     for name, text in PHASES_LINE.findall(output):
         if name != stage:
             continue
@@ -170,8 +171,7 @@ def collect_phases(output: str, stage: str) -> dict[str, float] | None:
         for part, prefix in [(p, "") for p in laps.split(" + ")] + [(p, "background ") for p in background.split("; ") if p]:
             if m := PHASE.match(part.strip()):
                 found[prefix + m.group(1)] = float(m.group(2))
-        return found
-    return None
+    return found
 
 
 def load_text() -> str:

@@ -16,9 +16,11 @@ def main() -> int:
         ap.add_argument(name, type=Path, required=True)
     ap.add_argument("--tensorboard-dir", type=Path, default=Path("outputs/tensorboard"),
                     help="with tracking.tensorboard: event files go to <this>/<run name>_<run id>/")
+    ap.add_argument("--params-in-force", type=Path, help="the values in force (the recipe applied), as YAML for "
+                                                          "`dvc exp show` / `dvc params diff`")
     args = ap.parse_args()
     paths = train.TrainPaths(args.data, args.split, args.checkpoint_dir, args.weights, args.history, args.run_id,
-                             args.metrics, args.tensorboard_dir)
+                             args.metrics, args.tensorboard_dir, args.params_in_force)
     return train.main(paths, Path(args.params), __file__, sys.argv[1:])
 
 

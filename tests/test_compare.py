@@ -1,6 +1,7 @@
 """Comparing runs: the compare command over a real store, the mistakes grid, TensorBoard event files."""
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -54,25 +55,32 @@ def test_compare_prints_and_writes_the_table_and_curves_from_a_real_store(tracke
     assert len(runs) == 2
     out = compare_cmd(tracked, "--csv", "runs.csv", "--md", "runs.md", "--png", "val.png").stdout
     assert all(name in out for name in runs) and "2 runs of experiment 'cifar10'" in out
+    assert "ranked by model_val_accuracy (the validation accuracy of each run's model" in out
 
     table = pd.read_csv(tracked / "runs.csv")
     # Only the params that differ: the learning rate, not the epochs or the seed.
     assert "train.optimizer.lr" in table.columns and "train.epochs" not in table.columns
-    assert list(table["test_accuracy"]) == sorted(table["test_accuracy"], reverse=True)
+    assert list(table["model_val_accuracy"]) == sorted(table["model_val_accuracy"], reverse=True)
     for row in table.to_dict("records"):
         r = runs[row["run"]]
         rid = r.info.run_id
         assert row["run_id"] == rid[:8] and row["status"] == "FINISHED"
         assert str(row["train.optimizer.lr"]) == r.data.params["train.optimizer.lr"]
         assert row["test_accuracy"] == pytest.approx(r.data.metrics["test_accuracy"])
-        val = client.get_metric_history(rid, "val_accuracy")
-        assert row["best_val_accuracy"] == pytest.approx(max(m.value for m in val))
+        val = {m.step: m.value for m in client.get_metric_history(rid, "val_accuracy")}
+        assert row["best_val_accuracy"] == pytest.approx(max(val.values()))
+        assert row["weights_epoch"] == int(r.data.tags["weights_epoch"])  # the run's model: evaluate.weights best
+        assert row["model_val_accuracy"] == pytest.approx(val[row["weights_epoch"]]) == row["best_val_accuracy"]
         seconds = client.get_metric_history(rid, "epoch_seconds")
         assert row["train_seconds"] == pytest.approx(sum(m.value for m in seconds))
     md = (tracked / "runs.md").read_text().splitlines()
     assert md[0].startswith("| run | run_id |") and len(md) == 2 + 2
     png = matplotlib.image.imread(tracked / "val.png")
     assert png.shape[0] > 300 and png.shape[1] > 500
+    by_test = compare_cmd(tracked, "--by", "test_accuracy", "--csv", "by_test.csv").stdout
+    assert "ranked by test_accuracy (test accuracy), highest first" in by_test
+    ranked = pd.read_csv(tracked / "by_test.csv")
+    assert list(ranked["test_accuracy"]) == sorted(ranked["test_accuracy"], reverse=True)
 
     # A filter on the run name picks one run; a filter matching none is a clear message, exit 1.
     name = table["run"][0]
@@ -80,6 +88,14 @@ def test_compare_prints_and_writes_the_table_and_curves_from_a_real_store(tracke
     assert len(pd.read_csv(tracked / "one.csv")) == 1 and "1 run of" in one.stdout
     none = compare_cmd(tracked, "--filter", "attributes.run_name = 'no-such-run'", check=False)
     assert none.returncode == 1 and "no runs" in none.stderr and "Traceback" not in none.stderr
+
+
+def test_compare_says_when_max_runs_left_runs_out(tracked):
+    """--max-runs (default 100) once cut the table without a word: it looked like every run."""
+    cut = compare_cmd(tracked, "--max-runs", "1")
+    assert "1 run of" in cut.stdout
+    assert "note: only the newest 1 matching run(s) are listed; more match" in cut.stderr
+    assert "note:" not in compare_cmd(tracked, "--max-runs", "2").stderr
 
 
 def test_compare_without_runs_or_store_says_so(tmp_path, monkeypatch):
@@ -111,19 +127,28 @@ def stored(name: str, params: dict, test_acc: float | None, val: list[float], se
                      histories={"val_accuracy": list(enumerate(val, 1)), "epoch_seconds": list(enumerate(seconds, 1))})
 
 
-def test_table_keeps_differing_params_and_sorts_by_test_accuracy(tmp_path):
-    runs = [stored("a", {"lr": "0.001", "epochs": "2"}, 0.5, [0.3, 0.45], [1.0, 2.0]),
-            stored("b", {"lr": "0.003", "epochs": "2", "extra": "x"}, None, [0.4], [], {"dvc_experiment": "lr-3e-3"},
-                   start_end=(1000, 6500)),
-            stored("c", {"lr": "0.001", "epochs": "2"}, 0.6, [0.5, 0.55], [3.0, 4.0])]
+def test_table_keeps_differing_params_and_ranks_by_the_models_validation_accuracy(tmp_path):
+    runs = [stored("a", {"lr": "0.001", "epochs": "3"}, 0.5, [0.3, 0.45, 0.4], [1.0, 2.0, 1.0],
+                   {"weights_epoch": "2"}),  # its model: the best epoch's weights, 0.45
+            stored("b", {"lr": "0.003", "epochs": "3", "extra": "x"}, None, [0.4], [], {"dvc_experiment": "lr-3e-3"},
+                   start_end=(1000, 6500)),  # no weights_epoch tag: the last epoch's weights
+            stored("c", {"lr": "0.001", "epochs": "3"}, 0.6, [0.5, 0.6, 0.42], [3.0, 4.0, 1.0],
+                   {"weights_epoch": "3"})]  # evaluate.weights last: 0.42, though its best epoch had 0.6
     table = compare.build_table(runs)
-    assert list(table.columns) == ["run", "run_id", "dvc_experiment", "status", "extra", "lr",
-                                   "best_val_accuracy", "test_accuracy", "train_seconds"]
-    assert list(table["run"]) == ["c", "a", "b"]  # highest test accuracy first, none last
+    assert list(table.columns) == ["run", "run_id", "dvc_experiment", "status", "extra", "lr", "model_val_accuracy",
+                                   "weights_epoch", "best_val_accuracy", "test_accuracy", "train_seconds"]
+    assert list(table["run"]) == ["a", "c", "b"]  # the validation accuracy of each run's model, highest first
+    assert list(table["model_val_accuracy"]) == [0.45, 0.42, 0.4] and list(table["weights_epoch"]) == [2, 3, 1]
     assert list(table["dvc_experiment"]) == ["-", "-", "lr-3e-3"] and list(table["extra"]) == ["-", "-", "x"]
-    assert list(table["best_val_accuracy"]) == [0.55, 0.45, 0.4]
-    assert list(table["train_seconds"]) == [7.0, 3.0, 5.5]  # b: no epoch seconds, end - start
+    assert list(table["best_val_accuracy"]) == [0.45, 0.6, 0.4]
+    assert list(table["train_seconds"]) == [4.0, 8.0, 5.5]  # b: no epoch seconds, end - start
     assert math.isnan(table["test_accuracy"][2]) and compare.formatted(table)["test_accuracy"][2] == "-"
+    assert list(compare.build_table(runs, "test_accuracy")["run"]) == ["c", "a", "b"]  # none last
+    assert list(compare.build_table(runs, "best_val_accuracy")["run"]) == ["c", "a", "b"]
+    assert list(compare.build_table(runs, "train_seconds")["run"]) == ["a", "b", "c"]  # fewest seconds first
+    logged = stored("d", {}, 0.5, [0.3, 0.5], [1.0, 1.0], {"weights_epoch": "1"})
+    logged.metrics["model_val_accuracy"] = 0.3  # the train stage's own figure wins
+    assert compare.model_val_accuracy(logged) == 0.3 and compare.weights_epoch(logged) == 1
     compare.curves_png([(r.name, r.histories["val_accuracy"]) for r in runs], tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -189,3 +214,26 @@ def test_tensorboard_rewrite_replaces_earlier_epochs(tmp_path):
     assert got["train_loss"] == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert [s for s, _ in got["images_per_second"]] == [1, 2, 3]
     assert sorted(p.name for p in folder.iterdir()) == [tensorboard.TENSORBOARD_FILE]
+
+
+def test_dvc_plots_number_epochs_whole_and_draw_the_rate_on_a_log_scale(tracked):
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], tracked).stdout)
+    assert not shown.get("errors"), shown["errors"]
+    specs = {plot_id: chart["content"] for plot_id, (chart,) in shown["data"].items()}
+
+    def x_axes(node):  # every x encoding of the spec, layers included
+        if isinstance(node, dict):
+            if isinstance(node.get("x"), dict) and node["x"].get("field") == "epoch":
+                yield node["x"]
+            for value in node.values():
+                yield from x_axes(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from x_axes(value)
+
+    for plot_id in ("loss", "accuracy", "learning_rate"):
+        axes = list(x_axes(specs[plot_id]))
+        assert axes and all(a.get("axis") == {"format": "d", "tickMinStep": 1} for a in axes), (plot_id, axes)
+    y = specs["learning_rate"]["encoding"]["y"]
+    assert y["scale"]["type"] == "log" and y["axis"]["format"] == "~e" and y["field"] == "lr"
+    assert all(float(v["lr"]) > 0 for v in specs["learning_rate"]["data"]["values"])  # a log scale has no 0

@@ -22,6 +22,8 @@ def test_the_real_params_file_is_valid_and_keeps_the_course_recipe():
     assert (o.momentum, o.nesterov) == (0.9, False)  # the course's basic loop, when name is sgd
     assert (s.name, s.mode, s.patience, s.threshold, s.factor) == ("plateau", "max", 3, 1e-4, 0.1)
     assert s.warmup_epochs == 0  # no warm-up unless asked for
+    assert p.train.early_stopping.patience == 0  # off: every epoch of the recipe trains
+    assert p.evaluate.weights == "best"  # the model is the epoch validation picked
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -48,10 +50,21 @@ def test_the_real_params_file_is_valid_and_keeps_the_course_recipe():
     ("train.scheduler.warmup_epochs", -1,
      "train.scheduler.warmup_epochs = -1: Input should be greater than or equal to 0"),
     ("train.scheduler.warmup_epochs", 10, "train.scheduler.warmup_epochs = 10: must be less than train.epochs (10)"),
+    # torch's CPU generator keeps a seed's low 32 bits: 2**32 would train as seed 0 (see test_loader.py)
+    ("train.seed", 2**32, "train.seed = 4294967296: Input should be less than or equal to 4294967295"),
+    ("train.seed", 2**45, "train.seed = 35184372088832: Input should be less than or equal to 4294967295"),
+    ("split.seed", 2**32, "split.seed = 4294967296: Input should be less than or equal to 4294967295"),
     ("train.scheduler.warmup_start_factor", 0.0,
      "train.scheduler.warmup_start_factor = 0.0: Input should be greater than 0"),
     ("train.scheduler.warmup_start_factor", 1.5,
      "train.scheduler.warmup_start_factor = 1.5: Input should be less than or equal to 1"),
+    ("evaluate.weights", "worst", "evaluate.weights = 'worst': Input should be 'best' or 'last'"),
+    ("train.early_stopping.patience", -1,
+     "train.early_stopping.patience = -1: Input should be greater than or equal to 0"),
+    ("train.early_stopping.patience", 2.5, "train.early_stopping.patience = 2.5: Input should be a valid integer"),
+    ("train.early_stopping.min_delta", -0.01,
+     "train.early_stopping.min_delta = -0.01: Input should be greater than or equal to 0"),
+    ("train.early_stopping.min_delta", 1.0, "train.early_stopping.min_delta = 1.0: Input should be less than 1"),
 ])
 def test_bad_values_are_rejected_naming_key_and_value(key, value, message):
     raw = real_params()
@@ -116,10 +129,12 @@ def test_the_airbench_kind_of_recipe_is_valid_and_its_graph_variant_too():
 def test_unknown_and_missing_keys_are_named():
     raw = real_params()
     raw["train"]["lrr"] = 0.1
+    raw["train"]["early_stopping"]["monitor"] = "val_loss"
     del raw["split"]["seed"]
     with pytest.raises(UserError) as e:
         parse_params(raw)
     assert "unknown key 'train.lrr'" in str(e.value)
+    assert "unknown key 'train.early_stopping.monitor'" in str(e.value)
     assert "missing key 'split.seed'" in str(e.value)
 
 

@@ -110,6 +110,31 @@ def test_a_checkpoint_resumes_across_world_sizes_in_the_same_run(seed, tmp_path)
     pd.testing.assert_frame_equal(history(project), history(one), check_exact=False, rtol=1e-4, atol=1e-6)
 
 
+def _pid_namespaces() -> bool:
+    """Whether this machine lets us make a PID namespace (root, or user namespaces allowed)."""
+    try:
+        return subprocess.run(["unshare", "-rfp", "--mount-proc", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _pid_namespaces(), reason="no PID namespace here (unshare -rfp refused)")
+@pytest.mark.parametrize("pid_1", ["torchrun", pytest.param("stage", marks=pytest.mark.slow)])  # the same check
+def test_two_processes_train_when_torchrun_or_the_stage_is_pid_1(seed, tmp_path, pid_1):
+    """A container whose entrypoint is torchrun (or the stage): the workers' parent is PID 1, which
+    the parent-death check once took for "torchrun died" (rank 1 exit 137, no message)."""
+    seed_project, _ = seed
+    project = copy_with(seed_project, tmp_path / "p", 2)
+    cmd = stage_cmd(project, "train")
+    if pid_1 == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", *cmd[1:]]
+    proc = run(["unshare", "-rfp", "--mount-proc", *cmd], project, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"epoch   {EPOCHS}/{EPOCHS}" in proc.stdout
+    client, runs = runs_of(project)
+    assert [(r.info.status, r.data.params["train.nproc_per_node"]) for r in runs] == [("FINISHED", "2")]
+
+
 def stage_env(fault: str) -> dict[str, str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "CIFARPIPE_FAULT": fault}
     env.pop("MLFLOW_TRACKING_URI", None)

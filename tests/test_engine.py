@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from cifarpipe.training import checkpoint, engine, optim
-from cifarpipe.config import ModelParams, OptimizerParams, SchedulerParams
+from cifarpipe.config import EarlyStoppingParams, ModelParams, OptimizerParams, SchedulerParams
 from cifarpipe.training.models import build_model
 
 ADAM = OptimizerParams(name="adam", lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum=0.9,
@@ -212,3 +212,19 @@ def test_warmup_rises_per_epoch_then_the_plateau_scheduler_starts_with_its_full_
     opt = optim.make_optimizer(model, ADAM.model_copy(update={"lr": 0.01}))
     plain = optim.make_scheduler(opt, PLATEAU.model_copy(update={"patience": 1, "threshold": 0.0}))
     assert _lrs(plain, [0.5, 0.4, 0.3, 0.2]) == pytest.approx([0.01, 0.01, 0.01, 0.001], rel=1e-12)
+
+
+def test_early_stopping_counts_like_lightning_on_validation_accuracy():
+    # min_delta 0.01: epoch 3 (0.512) improves on 0.50, the best *improving* epoch, though not by
+    # 0.01 on the running best 0.505; epochs 4 and 5 do not improve on 0.512 by 0.01: patience 2 stops at 5.
+    rule = EarlyStoppingParams(patience=2, min_delta=0.01)
+    state, counts = engine.TrainState(), []
+    for accuracy in (0.50, 0.505, 0.512, 0.515, 0.52):
+        assert not state.stopped_early
+        engine.count_for_early_stopping(state, accuracy, rule)
+        counts.append(state.epochs_without_improvement)
+    assert counts == [0, 1, 0, 1, 2] and state.stopped_early and state.early_stopping_best == 0.512
+    off = engine.TrainState()
+    for accuracy in (0.5, 0.4, 0.3):
+        engine.count_for_early_stopping(off, accuracy, EarlyStoppingParams(patience=0))
+    assert (off.epochs_without_improvement, off.stopped_early) == (0, False)

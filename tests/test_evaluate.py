@@ -132,3 +132,33 @@ def test_other_evaluate_params_never_write_into_the_training_run(project):
     assert "Running stage 'evaluate'" in run(["dvc", "repro"], project).stdout
     assert [r.info.run_id for r in all_runs(project)] == [train.info.run_id, evaluation.info.run_id]
     assert [m.value for m in client.get_metric_history(evaluation.info.run_id, "test_accuracy")] == [tta["accuracy"]]
+
+
+def test_evaluate_never_reports_as_logged_what_reached_no_run(project):
+    """(a) The store moved away after training: evaluate once created an empty store, dropped its
+    results for want of the run and said "logged to MLflow", exit 0, and DVC recorded it. (b) The
+    run deleted in the UI: "dropped: evaluation", then "logged to MLflow", exit 0."""
+    run(["dvc", "repro", "train"], project)
+    run_id = (project / "outputs/run_id.txt").read_text().strip()
+    (project / "mlflow.db").rename(project / "moved.db")
+    proc = run(["dvc", "repro"], project, check=False)
+    assert proc.returncode != 0 and "logged to MLflow" not in proc.stdout
+    assert f"error: no MLflow store at {project / 'mlflow.db'}" in proc.stderr
+    assert f"training run {run_id} (outputs/run_id.txt) was logged to a store there" in proc.stderr
+    assert "outputs/metrics.json" in proc.stderr  # where the results are
+    assert not (project / "mlflow.db").exists()  # no empty store made up
+    assert "evaluate" in run(["dvc", "status"], project).stdout  # DVC recorded nothing: `dvc repro` reruns it
+
+    (project / "moved.db").rename(project / "mlflow.db")
+    client = store(project)
+    client.delete_run(run_id)
+    proc = run(["dvc", "repro"], project, check=False)
+    assert proc.returncode != 0 and "logged to MLflow" not in proc.stdout
+    assert f"MLflow run {run_id} (outputs/run_id.txt) is deleted" in proc.stderr
+    assert f"mlflow runs restore --run-id {run_id}" in proc.stderr
+
+    client.restore_run(run_id)
+    proc = run(["dvc", "repro"], project)
+    assert f"logged to MLflow (sqlite:///{project / 'mlflow.db'}): training run {run_id}" in proc.stdout
+    assert client.get_run(run_id).data.metrics["test_accuracy"] == json.loads(
+        (project / "outputs/metrics.json").read_text())["accuracy"]

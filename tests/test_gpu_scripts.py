@@ -152,6 +152,9 @@ def test_the_air_script_runs_both_modes_through_the_stages_on_the_cpu(tmp_path, 
     assert eager["test_accuracy"] == graphed["test_accuracy"] == eager["test_accuracy_here"]
     assert eager["tta"] == "flip_translate" and eager["epochs"] == 2
     assert any("kernel warm-up: 3 steps, undone" in line for line in graphed["phases"]["lines"])
+    # the stages' phase timers, parsed (issue 21's table on the GPU comes from these)
+    assert {"start", "load data", "epochs", "outputs"} <= set(graphed["phases"]["train"])
+    assert {"load and evaluate", "deliver"} <= set(graphed["phases"]["evaluate"])
     assert {r["status"] for r in report["store_check"].values()} == {"FINISHED"}
     assert report["profile"]["graphed_equals_eager_bitwise"]
     assert report["profile"]["graphed"]["launches_per_step"] < 5 < report["profile"]["eager"]["launches_per_step"]

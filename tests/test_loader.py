@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cifarpipe.config import AugmentParams
-from cifarpipe.data.batches import DeviceBatches, channel_stats, dataloader_batches
+from cifarpipe.data.batches import DeviceBatches, channel_stats, dataloader_batches, epoch_seed
 
 AUG = AugmentParams(enabled=True, crop_padding=4, flip=True)
 NO_AUG = AugmentParams(enabled=False, crop_padding=4, flip=True)
@@ -75,6 +75,32 @@ def test_same_seed_same_batches_other_seed_or_epoch_other_batches():
     assert torch.equal(first(1, 0), first(1, 0))
     assert not torch.equal(first(1, 0), first(2, 0))
     assert not torch.equal(first(1, 0), first(1, 1))
+
+
+def test_every_seed_the_schema_accepts_gives_batches_and_small_seeds_keep_theirs():
+    """train.seed >= 2**45 passed validation, then crashed in epoch 1 (after the MLflow run was
+    created) with "Overflow when unpacking long long": seed * 1_000_003 + epoch went past 64 bits."""
+    images, labels = numbered_images(40)
+    for seed in (2**32 - 1, 2**45, 2**64 - 1):  # the schema's largest, and larger ones the library still takes
+        assert len(list(identity(images, labels, 8, AUG, seed=seed).epoch(3))) == 5
+        loader = dataloader_batches(images.numpy(), labels.numpy(), 8, [0.0] * 3, [1.0] * 3, AUG, seed=seed, epoch=3)
+        assert len(list(loader)) == 5
+    assert (epoch_seed(0, 1), epoch_seed(7, 3)) == (1, 7 * 1_000_003 + 3)  # unchanged: the same batches as before
+
+
+
+def test_seeds_2_to_the_32_apart_train_alike_which_is_why_the_schema_stops_below():
+    """torch's CPU generator keeps a seed's low 32 bits: train.seed 2**45 trained bit for bit as
+    seed 0 (same weights at the start, same batches), while MLflow recorded another seed. The
+    schema's SEED_MAX is the largest seed that trains differently from all smaller ones."""
+    from cifarpipe.config import SEED_MAX
+
+    def stream(seed: int) -> list[float]:
+        torch.manual_seed(seed)
+        return torch.rand(4).tolist() + torch.randperm(8, generator=torch.Generator().manual_seed(seed)).tolist()
+    assert SEED_MAX == 2**32 - 1
+    assert stream(0) == stream(2**32) == stream(2**45) and stream(7) == stream(2**32 + 7)
+    assert stream(0) != stream(1) and stream(SEED_MAX) != stream(0)
 
 
 def test_resuming_mid_epoch_continues_with_exactly_the_remaining_batches():

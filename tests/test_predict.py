@@ -16,6 +16,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -85,20 +86,23 @@ def test_the_mlflow_model_takes_uint8_images_and_gives_the_networks_classes_and_
     classifier = model.unwrap_python_model().classifier
     assert torch.allclose(classifier.logits(images), logits, rtol=0, atol=1e-5)
 
-    # What MLflow shows a user: a uint8 image tensor in, named columns out; real images as example.
+    # What MLflow shows a user: named columns out; real images as example; the input described in
+    # the metadata, with no input schema (MLflow would cast JSON floats to it: see pyfunc.signature).
     signature = model.metadata.signature
-    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, 32, 32, 3)}}]
+    assert signature.inputs is None and "uint8 images (N, 32, 32, 3)" in model.metadata.metadata["input"]
     assert signature.outputs.input_names() == list(out.columns)
     example = model.metadata.load_input_example(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model"))
     split = json.loads((project / "data/split.json").read_text())
     with np.load(project / "data/cifar10.npz") as z:
         first_val = z["train_images"][np.asarray(split["val"][:4])]
-    assert example.dtype == np.uint8 and (example == first_val).all()
+    # JSON integers, read back as int64 without an input schema: what a served request holds too
+    assert np.issubdtype(example.dtype, np.integer) and (example == first_val).all()
+    assert (model.predict(example)["class"] == model.predict(first_val)["class"]).all()
     # Not a pickled object: MLflow's code-model loader and the weights file as an artifact.
     conf = model.metadata.flavors["python_function"]
     assert conf["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in conf
     with pytest.raises(Exception, match="uint8|dtype"):
-        model.predict(images.astype(np.float32) / 255)  # floats: the signature refuses them
+        model.predict(images.astype(np.float32) / 255)  # floats: the model refuses them
 
 
 def test_mlflow_models_predict_on_uint8_images_gives_evaluates_classes(trained, tmp_path):
@@ -109,6 +113,19 @@ def test_mlflow_models_predict_on_uint8_images_gives_evaluates_classes(trained, 
          "-o", str(tmp_path / "out.json"), "--env-manager", "local"], tmp_path, env=env)
     predictions = json.loads((tmp_path / "out.json").read_text())["predictions"]
     assert [p["class"] for p in predictions] == evaluated[:10].tolist()
+
+
+def test_mlflow_models_predict_refuses_float_pixels_instead_of_classifying_black_images(trained, tmp_path):
+    """0..1 floats in JSON: MLflow once cast them to the signature's uint8 (all 0) before the model
+    saw them, and answered with exit 0 what an all-black image is."""
+    project, run_id, images, labels, evaluated = trained
+    (tmp_path / "in.json").write_text(json.dumps({"inputs": (images[:3] / 255).tolist()}))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    proc = run(["mlflow", "models", "predict", "-m", f"runs:/{run_id}/model", "-i", str(tmp_path / "in.json"), "-t",
+                "json", "-o", str(tmp_path / "out.json"), "--env-manager", "local"], tmp_path, env=env, check=False)
+    assert proc.returncode != 0
+    assert "got dtype float64: floats are refused" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out.json").exists()
 
 
 def _free_port() -> int:
@@ -141,6 +158,13 @@ def test_mlflow_models_serve_answers_on_loopback_with_evaluates_classes(trained,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
             predictions = json.loads(response.read())["predictions"]
+        floats = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                        data=json.dumps({"inputs": (images[:2] / 255).tolist()}).encode(),
+                                        headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(floats, timeout=120)
+        assert refused.value.code == 400
+        assert "floats are refused" in json.loads(refused.value.read())["message"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: the group this test started
         server.wait(60)
@@ -207,6 +231,77 @@ def test_predict_classifies_files_reports_bad_ones_and_writes_csv(trained, tmp_p
     logits, classes = network_probabilities(project, square[None])
     row = good.set_index("file").loc["photo.jpg"]
     assert np.abs(row[[f"prob_{c}" for c in classes]].to_numpy(float) - torch.softmax(logits, 1).numpy()[0]).max() < 1e-5
+
+
+def test_a_16_bit_greyscale_png_is_classified_as_its_8_bit_picture_not_as_white(trained, tmp_path):
+    """Pillow opens a 16-bit greyscale PNG as I;16 and its convert("RGB") clips every value above
+    255 of 65535: the picture became solid white and was classified, exit 0."""
+    project, run_id, images, labels, evaluated = trained
+    grey = images[0].mean(2).round().astype(np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 0..255 -> 0..65535
+    Image.fromarray(grey).save(tmp_path / "grey8.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "white.png")
+    with Image.open(tmp_path / "grey16.png") as im:
+        assert im.mode.startswith("I;16")  # the case at hand, as Pillow opens it
+    proc = run([sys.executable, "-m", "cifarpipe.commands.predict", "grey16.png", "grey8.png", "white.png",
+                "--model", str(project / "outputs/model.pt"), "--csv", "out.csv"], tmp_path)
+    rows = pd.read_csv(tmp_path / "out.csv").set_index("file")
+    probs = rows[[c for c in rows.columns if c.startswith("prob_")]]
+    assert np.abs(probs.loc["grey16.png"].to_numpy(float) - probs.loc["grey8.png"].to_numpy(float)).max() < 1e-6
+    assert np.abs(probs.loc["grey16.png"].to_numpy(float) - probs.loc["white.png"].to_numpy(float)).max() > 1e-3
+
+
+def test_a_folders_other_images_are_reported_and_its_other_files_listed(trained, tmp_path):
+    """A folder holding one PNG once classified it alone, exit 0: its .webp and .gif pictures were
+    skipped without a word."""
+    project, run_id, images, labels, evaluated = trained
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(images[0]).save(folder / "a.png")
+    Image.fromarray(images[1]).save(folder / "b.webp")
+    Image.fromarray(images[2]).save(folder / "c.gif")
+    (folder / "notes.txt").write_text("not an image")
+    proc = run([sys.executable, "-m", "cifarpipe.commands.predict", "photos", "--model",
+                str(project / "outputs/model.pt"), "--csv", "out.csv"], tmp_path, check=False)
+    assert proc.returncode == predict.SOME_FAILED_EXIT, proc.stdout + proc.stderr
+    assert "1 image(s) classified" in proc.stdout
+    for name in ("b.webp", "c.gif"):
+        suffix = name.split(".")[1]
+        assert f"error: photos/{name}: a .{suffix} image: only PNG and JPEG files are classified" in proc.stderr
+    assert "note: 1 file(s) in the folder(s) are not images and were skipped: photos/notes.txt" in proc.stderr
+    assert sorted(pd.read_csv(tmp_path / "out.csv")["file"]) == ["photos/a.png", "photos/b.webp", "photos/c.gif"]
+
+
+def test_a_huge_jpeg_is_decoded_at_reduced_scale_without_pillows_raw_warning(tmp_path, monkeypatch, capsys):
+    """A 10000 x 10000 JPEG took 8.6 s and 1.8 GB and printed Pillow's DecompressionBombWarning; the
+    same, scaled down: Pillow's limit lowered below a 1200 x 1200 JPEG."""
+    y, x = np.mgrid[0:1200, 0:1200]
+    picture = np.stack([x * 255 // 1199, y * 255 // 1199, (x + y) * 255 // 2398], 2).astype(np.uint8)
+    Image.fromarray(picture).save(tmp_path / "big.jpg", quality=95)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # 1.44 Mpx: over it, under twice it
+    decoded_sizes = []
+    prepare = inference.prepare_image
+    monkeypatch.setattr(inference, "prepare_image", lambda im: decoded_sizes.append(im.size) or prepare(im))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        got = predict.read_image(tmp_path / "big.jpg")
+    assert decoded_sizes == [(300, 300)]  # DCT scaling 1/4: the smallest scale still >= 256 pixels a side
+    full = inference.prepare_image(Image.fromarray(picture))
+    assert np.abs(got.astype(int) - full.astype(int)).max() <= 6  # the same picture at 32 x 32
+    assert capsys.readouterr().err == ""
+
+
+def test_an_image_with_transparency_is_classified_with_a_note_that_its_alpha_is_dropped(tmp_path, capsys):
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[:8, :, 3] = 0  # the top quarter transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut-out.png")
+    Image.fromarray(np.full((32, 32, 4), 255, np.uint8), "RGBA").save(tmp_path / "opaque.png")
+    assert predict.read_image(tmp_path / "cut-out.png").shape == (32, 32, 3)
+    assert "cut-out.png: 25.0% of its pixels are (partly) transparent; the alpha channel is dropped" in \
+        capsys.readouterr().err
+    predict.read_image(tmp_path / "opaque.png")
+    assert capsys.readouterr().err == ""
 
 
 def test_predict_with_a_run_id_or_a_registered_model_gives_the_weights_files_classes(trained, store, tmp_path, capsys):

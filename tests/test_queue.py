@@ -78,3 +78,52 @@ def test_processes_opening_a_fresh_sqlite_store_at_once_all_get_it(tmp_path):
     [exp_id] = {out.strip() for _, out, _ in results}  # one experiment, the same id for all
     # the creation race's loser (MLflow's "already exists") takes the winner's experiment
     assert store.create_experiment(MlflowClient(env["MLFLOW_TRACKING_URI"]), "cifar10") == exp_id
+
+
+@pytest.mark.slow  # about 1 min; the default run covers the same rule with the test below it
+def test_a_queued_run_with_a_relative_store_uri_lands_in_the_repositorys_store(project):
+    """MLFLOW_TRACKING_URI=sqlite:///mlflow.db is relative: the queued stage runs in DVC's temporary
+    copy, which DVC deletes; the run must land in the repository's ./mlflow.db, as the stage says."""
+    run(["dvc", "repro", "split"], project)
+    git_commit(project, "data")
+    env = {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
+    run(["dvc", "exp", "run", "--queue", "-n", "q8", "-S", "train.seed=8"], project, env=env)
+    run(["dvc", "queue", "start"], project, env=env)
+    assert "Success" in wait_for_queue(project)
+    logs = run(["dvc", "queue", "logs", "q8"], project).stdout
+    assert f"logged to MLflow (sqlite:///{project / 'mlflow.db'})" in logs, logs
+    run(["dvc", "exp", "apply", "q8"], project)
+    run_id = (project / "outputs/run_id.txt").read_text().strip()
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    r = client.get_run(run_id)
+    assert (r.info.status, r.data.params["train.seed"], r.data.tags["dvc_experiment"]) == ("FINISHED", "8", "q8")
+    assert "test_accuracy" in r.data.metrics
+    assert not list((project / ".dvc").rglob("mlflow.db"))
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("sqlite:///mlflow.db", "sqlite:///{root}/mlflow.db"),
+    ("sqlite:///stores/a.db?timeout=20", "sqlite:///{root}/stores/a.db?timeout=20"),
+    ("file:./mlruns", "file://{root}/mlruns"),
+    ("mlruns", "{root}/mlruns"),
+    ("sqlite:////elsewhere/mlflow.db", "sqlite:////elsewhere/mlflow.db"),  # absolute: as given
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+])
+@pytest.mark.parametrize("dvc_root", [True, False])
+def test_a_relative_store_uri_in_dvcs_temporary_copy_is_taken_in_the_repository(tmp_path, monkeypatch, capsys, uri,
+                                                                                 expected, dvc_root):
+    """What a queued stage's process resolves, with DVC_ROOT (dvc 3.x) and without it (an older DVC:
+    the temporary copy's path, <repo>/.dvc/tmp/exps/<name>/, says where the repository is)."""
+    repo = tmp_path / "repo"
+    copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test, also where tracking_uri exports
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    if dvc_root:
+        monkeypatch.setenv("DVC_ROOT", str(repo))
+    monkeypatch.setattr(store, "_REBASED_URI", None)
+    want = expected.format(root=repo.resolve())
+    assert [store.tracking_uri(), store.tracking_uri()] == [want, want]
+    err = capsys.readouterr().err
+    assert err.count(f"note: MLflow store {want}") == (want != uri)  # said once, naming the store used

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from cifarpipe.config import OptimizerParams, UserError, flatten, load_params
-from conftest import REPO, git_commit, run
+from conftest import REPO, git_commit, run, set_params, stage_cmd
 
 BENCH = REPO / "benchmarks" / "bench.py"
 
@@ -111,15 +112,74 @@ def test_one_flag_selects_a_recipe_in_dvc_exp_run_and_mlflow_logs_its_values(pro
     assert '"recipe": "fast"' in shown
 
 
-def test_mlflow_run_takes_the_recipe_as_a_parameter(project):
+def test_the_train_stage_gives_dvc_the_values_in_force(project):
+    """What DVC compares comes from files: params.yaml says batch 32 and lr 0.001 under recipe fast,
+    which trains batch 256 and lr 0.004. The train stage's outputs/params_in_force.yaml is a params
+    file of evaluate in dvc.yaml, so `dvc params diff` and `dvc exp show` list the values in force.
+    (Through two real `dvc exp run`: the slow test below.)"""
+    run(["dvc", "repro", "split"], project)
+    git_commit(project, "data")
+    set_params(project, **{"recipe": "fast", "train.epochs": 1})
+    run(stage_cmd(project, "train"), project)
+    in_force = yaml.safe_load((project / "outputs/params_in_force.yaml").read_text())
+    assert (in_force["recipe"], in_force["train"]["batch_size"], in_force["train"]["optimizer"]["lr"]) == ("fast", 256, 0.004)
+    assert in_force == {k: v for k, v in yaml.safe_load(yaml.safe_dump(
+        load_params(project / "params.yaml").model_dump(mode="json"))).items() if k in in_force}
+    diff = run(["dvc", "params", "diff", "--all"], project).stdout  # HEAD (no training yet) vs the workspace
+    assert re.search(r"outputs/params_in_force.yaml\s+train.batch_size\s+-\s+256", diff), diff
+    assert re.search(r"params.yaml\s+train.batch_size\s+32\s+32", diff), diff
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    workspace = next(row for row in shown if row["rev"] == "workspace")["data"]["params"]
+    assert workspace["outputs/params_in_force.yaml"]["data"]["train"]["optimizer"]["lr"] == 0.004
+
+
+@pytest.mark.slow  # 1.5 min on 2 shared cores; the test above covers it in the default run
+def test_dvc_shows_the_values_in_force_of_every_experiment(project):
+    """`dvc exp run -n fastexp -S recipe=fast`, then `dvc exp run -n e3 -S train.epochs=2` (in the
+    workspace fastexp left, so the fast recipe again): both trained batch 256 and lr 0.004, but DVC
+    listed params.yaml's 32 and 0.001 only. outputs/params_in_force.yaml, a params file of evaluate,
+    gives DVC the values that trained."""
+    run(["dvc", "repro", "split"], project)
+    git_commit(project, "data")
+    run(["dvc", "exp", "run", "-n", "fastexp", "-S", "recipe=fast", "-S", "train.epochs=1"], project)
+    run(["dvc", "exp", "run", "-n", "e3", "-S", "train.epochs=2"], project)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    exps = {e["name"]: e["revs"][0]["data"]["params"] for row in shown for e in row.get("experiments") or []}
+    for name, epochs in (("fastexp", 1), ("e3", 2)):
+        own, in_force = exps[name]["params.yaml"]["data"], exps[name]["outputs/params_in_force.yaml"]["data"]
+        assert (own["recipe"], own["train"]["batch_size"], own["train"]["optimizer"]["lr"]) == ("fast", 32, 0.001)
+        assert (in_force["recipe"], in_force["train"]["batch_size"], in_force["train"]["optimizer"]["lr"],
+                in_force["train"]["epochs"]) == ("fast", 256, 0.004, epochs)
+    diff = run(["dvc", "params", "diff", "--all"], project).stdout  # HEAD (no training) vs the workspace (e3)
+    assert re.search(r"outputs/params_in_force.yaml\s+train.batch_size\s+-\s+256", diff), diff
+    assert re.search(r"outputs/params_in_force.yaml\s+train.optimizer.lr\s+-\s+0.004", diff), diff
+    assert re.search(r"params.yaml\s+train.batch_size\s+32\s+32", diff), diff
+
+
+def _mlflow_run(project, *params: str):
     run(["dvc", "repro", "split"], project)
     git_commit(project, "data")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "cifar10",
-         "-P", "recipe=fast", "-P", "epochs=1"], project, env=env)
+         *(a for p in params for a in ("-P", p))], project, env=env)
     (r,) = _runs(project)
+    return r, env
+
+
+def test_mlflow_run_takes_the_recipe_as_a_parameter(project):
+    r, _ = _mlflow_run(project, "recipe=fast", "epochs=1")
     assert r.info.status == "FINISHED"
     assert (r.data.params["recipe"], r.data.params["train.batch_size"], r.data.params["train.epochs"]) == ("fast", "256", "1")
+
+
+@pytest.mark.slow  # 1.5 min; tests/test_reproduce.py's pure test covers the comparison in the default run
+def test_a_run_of_mlflow_run_reproduces(project):
+    """The issue's command: `mlflow run . -P recipe=fast -P epochs=2`, then `cifarpipe-reproduce <id>`,
+    which once said "NOT reproduced" on MLflow's own entry-point parameters (batch_size '', ...)."""
+    r, env = _mlflow_run(project, "recipe=fast", "epochs=2")
+    assert r.data.params["batch_size"] == "''"  # MLflow's own record of the entry point's -P values
+    proc = run([sys.executable, "-m", "cifarpipe.commands.reproduce", r.info.run_id], project, env=env, check=False)
+    assert proc.returncode == 0 and "reproduced exactly" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_mlflow_run_refuses_a_parameter_its_recipe_would_override(tmp_path):

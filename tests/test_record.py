@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, make_project, run, serve_folder
-from cifarpipe.tracking import datasets, provenance, record, registry
+from cifarpipe.tracking import datasets, model, provenance, record, registry
 from cifarpipe.config import UserError, load_params, parse_params
 
 MODEL = "cifar10-classifier"  # params.yaml's tracking.registered_model
@@ -109,6 +109,24 @@ def test_each_run_registers_a_version_tagged_with_its_test_accuracy(exps, monkey
     assert registry.register_model_version(client, MODEL, r.info.run_id, versions[r.info.run_id].source) == \
         versions[r.info.run_id].version
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
+
+
+def test_a_registered_model_name_with_quotes_registers_and_gets_its_test_accuracy(exps, capsys, monkeypatch):
+    """MLflow allows quotes in registered model names; a name such as "Bob's model" inside a search
+    filter broke its syntax: every registration failed with a warning and the stages succeeded."""
+    project, names, client, runs = exps
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")  # as in the stages
+    r = runs["lr-3e-3"]
+    uri = model.logged_model_uri(client, r.info.run_id)
+    name = "Bob's \"best\" model"
+    parse_params({**yaml.safe_load((REPO / "params.yaml").read_text()),
+                  "tracking": {**yaml.safe_load((REPO / "params.yaml").read_text())["tracking"], "registered_model": name}})
+    version = registry.register_model_version(client, name, r.info.run_id, uri)
+    again = registry.register_model_version(client, name, r.info.run_id, uri)  # once per run: the same version
+    assert str(version) == str(again) == "1"
+    assert [str(v) for v in registry.tag_model_versions(client, name, r.info.run_id, {"test_accuracy": 0.5})] == ["1"]
+    assert client.get_model_version(name, "1").tags["test_accuracy"] == "0.5"
+    assert "warning" not in capsys.readouterr().err
 
 
 def _git_repo_with_params(tmp_path, **changes):

@@ -15,9 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, make_project, run, serve_folder, stage_cmd
 from cifarpipe.commands import reproduce
-from cifarpipe.commands.reproduction import check_reproducible, compare, format_differences, plan_params
+from cifarpipe.commands.reproduction import check_reproducible, compare, format_differences, plan_params, record_notes
 from cifarpipe.config import UserError, flatten_mapping
-from cifarpipe.tracking import provenance
+from cifarpipe.tracking import in_force, provenance
 from cifarpipe.tracking.run import EPOCH_METRICS
 from cifarpipe.tracking.runs import StoredRun
 
@@ -187,7 +187,7 @@ def test_a_dvc_exp_run_is_reproduced_exactly(trained):
 
 # ------------------------------------------------------------ pure parts, no pipeline
 def _run(**kw) -> StoredRun:
-    base = dict(run_id="r1", experiment="e", status="FINISHED", params={"data.md5": "a" * 32, "x": "1"},
+    base = dict(run_id="r1", experiment="e", status="FINISHED", params={"data.md5": "a" * 32, "train.seed": "1"},
                 tags={"mlflow.source.git.commit": "c" * 40, "git_dirty": "true", "git_dirty_code": "false",
                       "data_md5": "a" * 32, "split_hash": "s"},
                 metrics={"test_accuracy": 0.5, "test_loss": 1.0},
@@ -201,17 +201,43 @@ def test_comparison_reports_every_differing_value_and_nothing_else():
     assert compare(a, _run(run_id="r2")) == []
     b = _run(histories={"val_accuracy": [(1, 0.1), (2, 0.2000001)], "lr": [(1, 1e-3)],
                         "epoch_seconds": [(1, 9.0)]}, metrics={"test_accuracy": 0.5, "test_loss": 1.1},
-             tags={**a.tags, "split_hash": "t"}, params={**a.params, "x": "2"})
+             tags={**a.tags, "split_hash": "t"}, params={**a.params, "train.seed": "2"})
     got = {(d.name, d.epoch): d for d in compare(a, b)}
     assert sorted(got) == sorted([("val_accuracy", 2), ("lr", 2), ("test_loss", None), ("tag split_hash", None),
-                                  ("param x", None)])
+                                  ("param train.seed", None)])
     assert got[("val_accuracy", 2)].recorded == "0.2" and got[("val_accuracy", 2)].reproduced == "0.2000001"
     assert got[("lr", 2)].reproduced == "-"
-    assert [d.name for d in compare(a, b, tolerance=1e-6, ignore_params=["x"])] == ["lr", "test_loss", "tag split_hash"]
+    assert [d.name for d in compare(a, b, tolerance=1e-6, ignore_params=["train.seed"])] == ["lr", "test_loss", "tag split_hash"]
     nan = _run(histories={"val_accuracy": [(1, math.nan)]})
     assert compare(nan, nan) == [] and compare(nan, _run(histories={"val_accuracy": [(1, 0.1)]}))
     table = format_differences(compare(a, b))
     assert table.splitlines()[0].split() == ["metric", "epoch", "recorded", "reproduced", "difference"]
+
+
+def test_params_that_are_not_the_pipelines_are_not_compared():
+    """`mlflow run .` logs its entry point's parameters (epochs, batch_size '' ...) beside the
+    pipeline's; an MLflow model logs its model_config (device). A reproduction by `dvc repro` has
+    neither: that is no difference in what was trained."""
+    entry_point = {"recipe": "fast", "epochs": "2", "batch_size": "", "lr": "", "model": "", "optimizer": "",
+                   "seed": "", "device": "cpu"}
+    a = _run(params={**_run().params, **entry_point})
+    assert compare(a, _run(params={**_run().params, "recipe": "fast"})) == []
+    assert [d.name for d in compare(a, _run())] == ["param recipe"]  # `recipe` is the pipeline's own key
+
+
+def test_a_continued_runs_params_in_force_are_what_is_compared_and_reproduced():
+    """A run resumed with evaluate.batch_size changed keeps its first value as a param (MLflow params
+    are immutable) and records the change as a tag: its reproduction runs with, and compares, the
+    value in force."""
+    changed = _run(params={**_run().params, "evaluate.batch_size": "50"},
+                   tags={**_run().tags, "param_changed.evaluate.batch_size": "50 -> 25"})
+    assert changed.params_in_force["evaluate.batch_size"] == "25"
+    assert compare(changed, _run(params={**_run().params, "evaluate.batch_size": "25"})) == []
+    assert [d.name for d in compare(changed, _run(params={**_run().params, "evaluate.batch_size": "50"}))] == [
+        "param evaluate.batch_size"]
+    assert "continued with params changed (evaluate.batch_size 50 -> 25)" in record_notes(changed)[0]
+    assert in_force.change_tags({"a": "1", "b": "2"}, {"param_changed.b": "2 -> 3"}, {"a": "5", "b": "2", "c": "9"}) == (
+        {"param_changed.a": "1 -> 5"}, ["param_changed.b"])  # b back to its logged value: the tag goes
 
 
 def test_only_uncommitted_code_and_unknown_records_are_refused_before_git_is_asked():
@@ -219,7 +245,11 @@ def test_only_uncommitted_code_and_unknown_records_are_refused_before_git_is_ask
     exp = _run(tags={**_run().tags, "dvc_baseline_rev": "d" * 40})
     assert check_reproducible(exp, lambda c: c == "d" * 40) == "d" * 40
     for tags, reason in [({"git_dirty_code": "true", "git_dirty_files": "src/x.py"}, "uncommitted code changes (src/x.py)"),
-                         ({"mlflow.source.git.commit": "unknown"}, "records no git commit")]:
+                         ({"mlflow.source.git.commit": "unknown"}, "records no git commit"),
+                         # a nested "-eval-" run has no commit tags of its own: that is not why it is refused
+                         ({"mlflow.source.git.commit": "", "evaluation_of": "t1"},
+                          "is an evaluation of run t1's model with other evaluate params, not a training: "
+                          "reproduce the training run (cifarpipe-reproduce t1)")]:
         with pytest.raises(UserError, match=re.escape(reason)):
             check_reproducible(_run(tags={**_run().tags, **tags}), lambda c: True)
 

@@ -171,6 +171,27 @@ def test_sigint_saves_mid_epoch_and_resumes_exactly(baseline, tmp_path):
     assert_same_as_uninterrupted(project, done)
 
 
+def test_a_resume_with_other_evaluate_params_records_them_and_its_evaluation_lands_in_its_run(baseline, tmp_path):
+    """Killed, then evaluate.batch_size changed (what a user does after an out-of-memory error in
+    validation): the resumed run kept the old value, got no test_accuracy, and its test metrics went
+    into a nested "-eval-" run; the registered version had no test_accuracy tag."""
+    seed, done = baseline
+    project = fresh_copy(seed, tmp_path / "p")
+    assert run(["dvc", "repro"], project, env={"CIFARPIPE_FAULT": "step:2:3"}, check=False).returncode != 0
+    set_params(project, **{"evaluate.batch_size": 25})
+    out = run(["dvc", "repro"], project).stdout
+    assert "continues with params changed since it last ran: evaluate.batch_size 50 -> 25" in out
+    assert "resuming from outputs/checkpoints/" in out
+    client, runs = runs_of(project)
+    [r] = runs  # no nested evaluation run
+    assert r.data.params["evaluate.batch_size"] == "50"  # MLflow params are immutable: the tag says what ran
+    assert r.data.tags["param_changed.evaluate.batch_size"] == "50 -> 25"
+    accuracy = json.loads((project / "outputs/metrics.json").read_text())["accuracy"]
+    assert r.data.metrics["test_accuracy"] == accuracy
+    [version] = client.search_model_versions(f"run_id = '{r.info.run_id}'")
+    assert float(version.tags["test_accuracy"]) == round(accuracy, 4)
+
+
 def test_two_fresh_runs_give_identical_results(baseline, tmp_path):
     seed, done = baseline
     project = fresh_copy(seed, tmp_path / "p")
@@ -315,3 +336,61 @@ def test_sgd_with_warmup_is_logged_and_a_kill_inside_the_warmup_resumes_exactly(
     assert (last_checkpoint(project)["epoch"], last_checkpoint(project)["step"]) == (1, 4)
     assert "epoch 2, batch 4" in run(["dvc", "repro"], project).stdout
     assert_same_as_uninterrupted(project, done)
+
+
+def test_a_finished_job_run_again_for_a_new_experiment_is_recorded_in_a_run_of_its_own(baseline, tmp_path):
+    """The train stage as `dvc exp run` runs it (DVC_EXP_NAME set), with a param outside the
+    fingerprint changed, after the job finished: a new run named after the experiment, pointing to
+    the run that trained the weights; the finished run is left as it was. (The same through
+    `dvc exp run` and torchrun: the slow test below.)"""
+    seed, done = baseline
+    project = fresh_copy(seed, tmp_path / "p")
+    run(stage_cmd(project, "train"), project)
+    first = (project / "outputs/run_id.txt").read_text().strip()
+    set_params(project, **{"train.log_every": 5})
+    out = run(stage_cmd(project, "train"), project, env={"DVC_EXP_NAME": "every-5"}).stdout
+    checkpoint = job_dir(project) / "last.pt"
+    assert f"{checkpoint.relative_to(project)}: this job (the same params that shape training" in out
+    assert f"finished in MLflow run {first}: nothing is trained now" in out and "training course_cnn" not in out
+    new = (project / "outputs/run_id.txt").read_text().strip()
+    client, runs = runs_of(project)
+    r, old = client.get_run(new), client.get_run(first)
+    assert new != first and (r.info.run_name, r.info.status, r.data.tags["reuses_run"]) == ("every-5", "FINISHED", first)
+    assert (r.data.params["train.log_every"], old.data.params["train.log_every"]) == ("5", "0")
+    assert [m.step for m in client.get_metric_history(new, "val_accuracy")] == list(range(1, EPOCHS + 1))
+    assert old.info.status == "FINISHED" and "reuses_run" not in old.data.tags
+    assert torch.load(checkpoint, weights_only=True)["mlflow_run_id"] == first
+    # Run again as the same experiment with the same params: that run is the record, nothing new.
+    again = run(stage_cmd(project, "train"), project, env={"DVC_EXP_NAME": "every-5"}).stdout
+    assert f"recorded in MLflow run {new}, this execution's" in again and len(runs_of(project)[1]) == 2
+    assert [m.step for m in client.get_metric_history(new, "val_accuracy")] == list(range(1, EPOCHS + 1))
+
+
+@pytest.mark.slow  # 1.5 min on 2 shared cores; the test above covers the rule in the default run
+def test_a_new_experiment_reusing_a_finished_job_gets_a_run_of_its_own(baseline, tmp_path):
+    """`dvc exp run -S train.nproc_per_node=2` after a finished `dvc repro`: the params that shape
+    training are the same, so the finished job's weights are reused, as a cache. The experiment once
+    came back with the old 1-process run's record (its run id, its name, no dvc_experiment tag)."""
+    seed, done = baseline
+    project = fresh_copy(seed, tmp_path / "p")
+    run(["dvc", "repro"], project)
+    git_commit(project, "trained")
+    first = (project / "outputs/run_id.txt").read_text().strip()
+    out = run(["dvc", "exp", "run", "-n", "two-procs", "-S", "train.nproc_per_node=2"], project).stdout
+    checkpoint = job_dir(project) / "last.pt"
+    assert (f"{checkpoint.relative_to(project)}: this job (the same params that shape training, data and code) "
+            f"finished in MLflow run {first}: nothing is trained now") in out
+    new = (project / "outputs/run_id.txt").read_text().strip()
+    assert new != first and f"recorded in MLflow run {new}, this execution's" in out
+    client, runs = runs_of(project)
+    r, old = client.get_run(new), client.get_run(first)
+    assert (r.info.run_name, r.info.status, r.data.tags["dvc_experiment"]) == ("two-procs", "FINISHED", "two-procs")
+    assert (r.data.tags["reuses_run"], r.data.tags["reuses_checkpoint"]) == (first, str(checkpoint.relative_to(project)))
+    assert "No training ran in this run" in r.data.tags["mlflow.note.content"]
+    assert (r.data.params["train.nproc_per_node"], old.data.params["train.nproc_per_node"]) == ("2", "1")
+    assert r.data.metrics["test_accuracy"] == old.data.metrics["test_accuracy"]  # the same weights, evaluated
+    for key in ("val_accuracy", "train_loss"):  # the reused job's curves, once each
+        assert [(m.step, m.value) for m in sorted(client.get_metric_history(new, key), key=lambda m: m.step)] == \
+            [(m.step, m.value) for m in sorted(client.get_metric_history(first, key), key=lambda m: m.step)]
+    assert "reuses_run" not in old.data.tags and len(client.get_metric_history(first, "val_accuracy")) == EPOCHS
+    assert torch.load(checkpoint, weights_only=True)["mlflow_run_id"] == first  # the checkpoint names who trained it

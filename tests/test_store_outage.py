@@ -227,7 +227,7 @@ def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project,
     items = json.loads(pending.read_text())["items"]
     kinds = [(it["kind"], Path(it.get("path") or it.get("weights") or ".").name) for it in items]
     assert kinds == [("artifact", "last.pt"), ("artifact", "best.pt"), ("artifact", "history.csv"),
-                     ("metrics", ""), ("model", "model.pt"), ("status", ""), ("evaluation", "")], kinds
+                     ("metrics", ""), ("tags", ""), ("model", "model.pt"), ("status", ""), ("evaluation", "")], kinds
     [r] = all_runs(client)
     run_id = r.info.run_id
     assert r.info.status == "RUNNING" and "test_accuracy" not in r.data.metrics
@@ -238,6 +238,7 @@ def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project,
     assert not pending.exists()
     [r] = all_runs(client)
     assert r.info.run_id == run_id and r.info.status == "FINISHED"
+    assert (r.data.tags["weights"], r.data.tags["weights_epoch"]) == ("best", str(metrics["weights_epoch"]))
     assert [m.value for m in client.get_metric_history(run_id, "test_accuracy")] == [metrics["accuracy"]]
     assert len(client.get_metric_history(run_id, "test_loss")) == 1
     for key in EPOCH_METRICS:

@@ -86,8 +86,9 @@ def test_a_search_prunes_nests_continues_and_its_winner_reproduces_through_dvc_e
     client, again, trials = study_runs(project, "search")
     assert again.info.run_id == parent.info.run_id and len(trials) == 4
 
-    best = max((r for r in trials if r.data.tags["trial_state"] == "COMPLETE"),
-               key=lambda r: r.data.metrics["val_accuracy"])
+    [best] = [r for r in trials if r.info.run_id == again.data.tags["best_trial_run_id"]]
+    # evaluate.weights best (params.yaml's): a trial's value is its best epoch's validation accuracy
+    assert again.data.metrics["best_val_accuracy"] == max(history(client, best.info.run_id, "val_accuracy"))
     recipe = (project / "recipes/search.yaml").read_text()
     assert recipe.startswith("# cifarpipe-tune study search") and best.info.run_id in recipe
     values = tuning.flatten_mapping(yaml.safe_load(recipe))
@@ -199,3 +200,33 @@ def test_optunas_lock_left_by_a_killed_writer_is_removed_when_the_study_lock_is_
         assert not os.path.lexists(f"{journal}.lock")
         assert len(open_study(spec, "stale", journal).trials) == 0  # the journal is writable at once
     assert "removed outputs/tune/stale.journal.lock" in capsys.readouterr().out
+
+
+def test_a_trials_value_is_the_accuracy_of_the_weights_the_pipeline_keeps():
+    assert tuning.trial_value([0.5, 0.7, 0.6], "best") == 0.7
+    assert tuning.trial_value([0.5, 0.7, 0.6], "last") == 0.6
+
+
+def test_early_stopping_ends_a_trial_as_complete_not_pruned(data_ready):
+    """train.early_stopping (patience 1, an improvement of more than 0.9 needed) stops every trial
+    after epoch 2, as it would stop the train stage: the trial is complete with 2 epochs."""
+    project = data_ready
+    space = project / "tune" / "early.yaml"
+    space.parent.mkdir(exist_ok=True)
+    space.write_text(textwrap.dedent("""\
+        trials: 1
+        epochs: 4
+        pruner: {name: none}
+        params:
+          train.optimizer.lr: {type: float, low: 1.0e-3, high: 2.0e-3}
+        fixed:
+          train.early_stopping.patience: 1
+          train.early_stopping.min_delta: 0.9
+        """))
+    out = run(TUNE + [str(space)], project).stdout
+    assert "trial 0: train.early_stopping ended it after epoch 2" in out, out
+    client, parent, [trial] = study_runs(project, "early")
+    assert (trial.data.tags["trial_state"], trial.info.status) == ("COMPLETE", "FINISHED")
+    assert trial.data.tags["stopped_early_after_epoch"] == "2"
+    accuracies = history(client, trial.info.run_id, "val_accuracy")
+    assert len(accuracies) == 2 and parent.data.metrics["best_val_accuracy"] == max(accuracies)

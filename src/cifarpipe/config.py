@@ -57,11 +57,16 @@ class DataParams(_Strict):
         return v
 
 
+# torch's CPU generator (initial weights, batch orders) keeps a seed's low 32 bits: seed 2**32 + s
+# would train exactly as s, recorded under another seed. torch itself takes up to 2**64 - 1.
+SEED_MAX = 2**32 - 1
+
+
 class SplitParams(_Strict):
     # course: the indices of the course's torch random_split call; hash: sha256 order (see split.py)
     method: Literal["course", "hash"]
     val_fraction: float = Field(gt=0, lt=1)
-    seed: int = Field(ge=0, le=2**64 - 1)  # torch.Generator.manual_seed takes at most 64 bits
+    seed: int = Field(ge=0, le=SEED_MAX)  # method course seeds a torch generator (see SEED_MAX)
 
 
 class ModelParams(_Strict):
@@ -153,10 +158,17 @@ class LookaheadParams(_Strict):
     power: float = Field(ge=0, default=3.0)
 
 
+class EarlyStoppingParams(_Strict):
+    # Lightning's EarlyStopping on validation accuracy: an epoch improves when it beats the best
+    # improving epoch so far by more than min_delta; `patience` epochs in a row without one stop training.
+    patience: int = Field(ge=0, default=0)  # 0: off
+    min_delta: float = Field(ge=0, lt=1, default=0.0)  # accuracy, 0..1 units
+
+
 class TrainParams(_Strict):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, le=SEED_MAX)
     device: Literal["auto", "cuda", "mps", "cpu"]
     # Processes per node (torchrun's --nproc_per_node): one per GPU, or several CPU processes with gloo.
     # batch_size stays the batch of all processes together. le=64: no node has more GPUs.
@@ -178,6 +190,7 @@ class TrainParams(_Strict):
     # the graph's capture) are paid there, outside the epochs' time.
     kernel_warmup_steps: int = Field(ge=0, le=100, default=0)
     cuda_graph: bool = False  # replay the training step as one CUDA graph (elsewhere: the same static-buffer step)
+    early_stopping: EarlyStoppingParams = EarlyStoppingParams()
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainParams:
@@ -217,6 +230,9 @@ class TrainParams(_Strict):
 class EvaluateParams(_Strict):
     batch_size: int = Field(ge=1)
     tta_flip: bool  # average the logits of each image and its mirror
+    # The weights outputs/model.pt holds, evaluate scores and MLflow logs: the epoch of the highest
+    # validation accuracy (best) or the last epoch trained (last).
+    weights: Literal["best", "last"] = "best"
 
 
 # A registered model's name becomes part of `models:/<name>/<version>` URIs and, in a file
@@ -386,6 +402,21 @@ def recipe_changes(path: str | Path = "params.yaml", recipe: str | None = None) 
     own = flatten(parse_params(read_yaml_text(path.read_text(), str(path)), str(path)))
     effective = flatten(load_params(path, recipe))
     return {k: (own[k], v) for k, v in effective.items() if k != "recipe" and own[k] != v}
+
+
+# Sections whose values in force a recipe can make differ from params.yaml's (see _RECIPE_SECTIONS).
+IN_FORCE_SECTIONS = ("recipe", *_RECIPE_SECTIONS)
+
+
+def params_in_force_text(params: Params) -> str:
+    """The train stage's outputs/params_in_force.yaml: `recipe` and the model, train and evaluate
+    values in force (the recipe applied), as YAML. dvc.yaml lists it as a params file of evaluate,
+    so `dvc exp show` and `dvc params diff` show these values beside params.yaml's, which under a
+    recipe are not the ones that trained (recipes/fast.yaml's batch 256 while params.yaml says 64)."""
+    values = params.model_dump(mode="json", include=set(IN_FORCE_SECTIONS))
+    return ("# Written by the train stage: the values in force (params.yaml with recipes/<recipe>.yaml applied).\n"
+            "# `dvc exp show` / `dvc params diff` list them as outputs/params_in_force.yaml:<key>. Do not edit.\n"
+            + yaml.safe_dump({k: values[k] for k in IN_FORCE_SECTIONS}, sort_keys=False))
 
 
 def flatten(params: Params) -> dict[str, Any]:

@@ -3,8 +3,11 @@
     python -m cifarpipe.commands.compare                      # runs of params.yaml's tracking.experiment
     python -m cifarpipe.commands.compare --filter "tags.dvc_experiment = 'lr-3e-3'" --csv runs.csv --png val.png
 
-A row per run: name, DVC experiment, status, the params that differ between the listed runs (only
-those), best validation accuracy, test accuracy and training seconds, best test accuracy first.
+A row per run: name, DVC experiment, status, the params (in force) that differ between the listed
+runs (only those), the validation accuracy of the run's model and the epoch of its weights, the
+best validation accuracy, test accuracy and training seconds; ranked by the model's validation
+accuracy (`--by` another column). Validation picks, the test set confirms: ranking by test accuracy
+makes the test set a selection criterion, so it is an option, not the default.
 The table and the plot are built from plain values (`tracking.runs.StoredRun`); only `main` reads the store.
 """
 from __future__ import annotations
@@ -22,8 +25,32 @@ if TYPE_CHECKING:
     from cifarpipe.tracking.runs import StoredRun
 
 FIXED_BEFORE = ["run", "run_id", "dvc_experiment", "status"]
-FIXED_AFTER = ["best_val_accuracy", "test_accuracy", "train_seconds"]
+FIXED_AFTER = ["model_val_accuracy", "weights_epoch", "best_val_accuracy", "test_accuracy", "train_seconds"]
+# What --by can rank by: (what the column is, True when higher is better).
+RANKINGS = {"model_val_accuracy": ("the validation accuracy of each run's model, the weights of its weights_epoch",
+                                   True),
+            "best_val_accuracy": ("each run's highest validation accuracy over its epochs", True),
+            "test_accuracy": ("test accuracy", True),
+            "train_seconds": ("training seconds", False)}
 _MISSING = "-"
+
+
+def weights_epoch(run: StoredRun) -> float:
+    """The epoch of the run's model weights (tag weights_epoch); without the tag, its last epoch,
+    whose weights the model then holds."""
+    if "weights_epoch" in run.tags:
+        return float(run.tags["weights_epoch"])
+    steps = [step for step, _ in run.histories.get("val_accuracy", [])]
+    return float(max(steps)) if steps else math.nan
+
+
+def model_val_accuracy(run: StoredRun) -> float:
+    """The validation accuracy of the run's model: metric model_val_accuracy, else the validation
+    accuracy logged at the epoch of its weights."""
+    if "model_val_accuracy" in run.metrics:
+        return run.metrics["model_val_accuracy"]
+    epoch = weights_epoch(run)
+    return next((v for step, v in run.histories.get("val_accuracy", []) if step == epoch), math.nan)
 
 
 def best_val_accuracy(run: StoredRun) -> float:
@@ -45,26 +72,29 @@ def train_seconds(run: StoredRun) -> float:
 
 def differing_params(runs: Sequence[StoredRun]) -> list[str]:
     """Param names whose value is not the same in every run (absent counts as a value), sorted."""
-    keys = sorted(set().union(*(r.params for r in runs))) if runs else []
-    return [k for k in keys if len({r.params.get(k, _MISSING) for r in runs}) > 1]
+    keys = sorted(set().union(*(r.params_in_force for r in runs))) if runs else []
+    return [k for k in keys if len({r.params_in_force.get(k, _MISSING) for r in runs}) > 1]
 
 
-def build_table(runs: Sequence[StoredRun]) -> pd.DataFrame:
-    """One row per run, sorted by test accuracy (highest first; runs without one last)."""
+def build_table(runs: Sequence[StoredRun], by: str = "model_val_accuracy") -> pd.DataFrame:
+    """One row per run, ranked by column `by` (one of RANKINGS: best first; runs without a value last)."""
     params = differing_params(runs)
     rows = [{"run": r.name, "run_id": r.run_id[:8], "dvc_experiment": r.tags.get("dvc_experiment", _MISSING),
-             "status": r.status, **{k: r.params.get(k, _MISSING) for k in params},
+             "status": r.status, **{k: r.params_in_force.get(k, _MISSING) for k in params},
+             "model_val_accuracy": model_val_accuracy(r), "weights_epoch": weights_epoch(r),
              "best_val_accuracy": best_val_accuracy(r), "test_accuracy": r.metrics.get("test_accuracy", math.nan),
              "train_seconds": train_seconds(r)} for r in runs]
     table = pd.DataFrame(rows, columns=FIXED_BEFORE + params + FIXED_AFTER)
-    return table.sort_values("test_accuracy", ascending=False, na_position="last", kind="stable"
+    return table.sort_values(by, ascending=not RANKINGS[by][1], na_position="last", kind="stable"
                              ).reset_index(drop=True)
 
 
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
-    """Strings for people: accuracies with 4 decimals, seconds with 1, '-' where a value is missing."""
+    """Strings for people: accuracies with 4 decimals, epochs whole, seconds with 1 decimal, '-' where
+    a value is missing."""
     out = table.astype(object).copy()
-    for col, fmt in (("best_val_accuracy", "{:.4f}"), ("test_accuracy", "{:.4f}"), ("train_seconds", "{:.1f}")):
+    for col, fmt in (("model_val_accuracy", "{:.4f}"), ("weights_epoch", "{:.0f}"), ("best_val_accuracy", "{:.4f}"),
+                     ("test_accuracy", "{:.4f}"), ("train_seconds", "{:.1f}")):
         out[col] = [_MISSING if pd.isna(v) else fmt.format(v) for v in table[col]]
     return out.astype(str)
 
@@ -129,6 +159,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     which.add_argument("--all-experiments", action="store_true", help="runs of every experiment")
     ap.add_argument("--filter", default="", help="an MLflow search filter, e.g. \"tags.dvc_experiment = 'lr-3e-3'\" "
                                                  "or \"attributes.run_name LIKE 'lr%%'\"")
+    ap.add_argument("--by", choices=list(RANKINGS), default="model_val_accuracy",
+                    help="the column to rank by (default model_val_accuracy: the validation accuracy of each run's "
+                         "model; train_seconds: fewest first, the others: highest first)")
     ap.add_argument("--max-runs", type=int, default=100, help="at most this many runs, newest first (default 100)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="where the default experiment is read")
     ap.add_argument("--csv", type=Path, help="also write the table as CSV (raw numbers)")
@@ -147,15 +180,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     experiment = None if args.all_experiments else (args.experiment or _default_experiment(args.params))
-    runs = read_runs(experiment, args.filter, args.max_runs)
+    runs = read_runs(experiment, args.filter, args.max_runs + 1)  # one more: whether any were left out
+    more, runs = len(runs) > args.max_runs, runs[:args.max_runs]
     where = f"experiment {experiment!r}" if experiment else "any experiment"
     if not runs:
         print(f"no runs in {where} of {tracking_uri()}" + (f" matching {args.filter!r}" if args.filter else "")
               + ": train one with `dvc repro`, or widen the choice (--all-experiments, --filter)", file=sys.stderr)
         return 1
-    table = build_table(runs)
-    print(f"{len(runs)} run{'s' if len(runs) != 1 else ''} of {where} in {tracking_uri()}, best test accuracy first:")
+    table = build_table(runs, args.by)
+    what, higher_first = RANKINGS[args.by]
+    print(f"{len(runs)} run{'s' if len(runs) != 1 else ''} of {where} in {tracking_uri()}, ranked by {args.by} "
+          f"({what}), {'highest' if higher_first else 'lowest'} first:")
     print(formatted(table).to_string(index=False))
+    if more:
+        print(f"note: only the newest {args.max_runs} matching run(s) are listed; more match (--max-runs N, --filter)",
+              file=sys.stderr)
     if args.csv:
         atomic.write_text(args.csv, table.to_csv(index=False))
         print(f"table -> {args.csv}")

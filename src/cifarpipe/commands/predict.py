@@ -22,6 +22,10 @@ import pandas as pd
 from cifarpipe.serving import inference
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder argument expands to (any case)
+# Pictures of other formats that a folder may hold: reported as not classified (exit 1), never
+# skipped in silence. A folder's other files (notes, .DS_Store) are listed as skipped.
+OTHER_IMAGE_SUFFIXES = (".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jfif", ".jpe",
+                        ".apng", ".ico", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".qoi", ".psd")
 SOME_FAILED_EXIT = 1  # some files could not be classified (the rest were)
 
 
@@ -31,28 +35,54 @@ class Failure:
     reason: str
 
 
-def expand(paths: Sequence[Path]) -> tuple[list[Path], list[Failure]]:
-    """Files as given; a folder becomes its PNG and JPEG files (sorted, not recursive)."""
-    files, failures = [], []
+def expand(paths: Sequence[Path]) -> tuple[list[Path], list[Failure], list[Path]]:
+    """Files as given; a folder becomes its PNG and JPEG files (sorted, not recursive). Returns the
+    files, the failures (a folder's images of other formats, e.g. .webp or .gif: the user expects
+    them classified, so each one is reported) and the folders' other files, skipped (to be listed)."""
+    files, failures, skipped = [], [], []
     for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            files += found
-            if not found:
-                failures.append(Failure(str(path), f"a folder with no {'/'.join(IMAGE_SUFFIXES)} files"))
-        else:
+        if not path.is_dir():
             files.append(path)
-    return files, failures
+            continue
+        entries = sorted(p for p in path.iterdir() if p.is_file())
+        found = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+        files += found
+        for p in entries:
+            if p.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+                failures.append(Failure(str(p), f"a {p.suffix} image: only PNG and JPEG files are classified"))
+            elif p not in found:
+                skipped.append(p)
+        if not found:
+            failures.append(Failure(str(path), f"a folder with no {'/'.join(IMAGE_SUFFIXES)} files"))
+    return files, failures, skipped
+
+
+# JPEGs are decoded at a reduced scale (JPEG's own DCT scaling, 1/2 to 1/8) down to no less than
+# this many pixels on each side: 8x the 32x32 output, so the antialiased resize still averages many
+# pixels into each output pixel. A 10000 x 10000 JPEG then decodes as 1250 x 1250 (4.7 MB of RGB
+# instead of 300 MB) and trips no decompression-bomb warning.
+JPEG_DRAFT_SIDE = 256
 
 
 def read_image(path: Path) -> np.ndarray:
     """A PNG or JPEG file -> uint8 (32, 32, 3) by inference.prepare_image's rule. Raises ValueError
     with a reason a user can act on."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path, formats=["PNG", "JPEG"]) as image:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            image = Image.open(path, formats=["PNG", "JPEG"])
+        with image:
+            if image.format == "JPEG":
+                image.draft(image.mode, (JPEG_DRAFT_SIDE, JPEG_DRAFT_SIDE))
+            elif caught:  # a PNG over Pillow's limit (twice the limit is refused as a bomb, below)
+                print(f"note: {path}: {image.width} x {image.height} pixels, over Pillow's decompression-bomb "
+                      f"limit of {Image.MAX_IMAGE_PIXELS}; decoded in full", file=sys.stderr)
             image.load()  # decode now: a truncated or corrupt file fails here, not later
+            _say_if_transparent(path, image)
             return inference.prepare_image(image)
     except FileNotFoundError:
         raise ValueError("no such file") from None
@@ -62,6 +92,18 @@ def read_image(path: Path) -> np.ndarray:
         raise ValueError(f"refused: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for damaged data
         raise ValueError(f"unreadable image ({type(e).__name__}: {e})") from None
+
+
+def _say_if_transparent(path: Path, image) -> None:
+    """The rule drops the alpha channel: transparent pixels are classified with whatever colour they
+    hide (often black). Said per file, since it changes what the model sees."""
+    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+        return
+    alpha = np.asarray(image.convert("RGBA").getchannel("A"))
+    share = float((alpha < 255).mean()) if alpha.size else 0.0
+    if share:
+        print(f"note: {path}: {share:.1%} of its pixels are (partly) transparent; the alpha channel is dropped, so "
+              "they are classified with the colour they hide", file=sys.stderr)
 
 
 def load_predictor(model: str, run: str | None) -> tuple[Callable[[np.ndarray], pd.DataFrame], str]:
@@ -138,10 +180,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     predict, described = load_predictor(args.model, args.run)
-    files, failures = expand(args.files)
+    files, failures, skipped = expand(args.files)
     table, failed = classify(files, predict)
     failures += failed
     print(f"{len(table)} image(s) classified with the {described}")
+    if skipped:
+        print(f"note: {len(skipped)} file(s) in the folder(s) are not images and were skipped: "
+              + ", ".join(str(p) for p in skipped), file=sys.stderr)
     if len(table):
         shown = table[["file", "class", "probability"]].copy()
         shown["probability"] = [f"{p:.4f}" for p in shown["probability"]]

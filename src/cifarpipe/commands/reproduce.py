@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cifarpipe.commands.reproduction import (CURVES, EXPERIMENT_KEY, REGISTERED_MODEL_KEY, by_step, check_reproducible,
-                                             compare, format_differences, plan_params)
+                                             compare, format_differences, plan_params, record_notes)
 from cifarpipe.config import BASE_RECIPE, RECIPES_DIR, UserError, read_recipe, read_yaml_text
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def reproduce(client, original: StoredRun, repo: Path, commit: str, uri: str, ex
             recipe_values = read_recipe(recipe, worktree / RECIPES_DIR) if recipe != BASE_RECIPE else {}
         except UserError:
             recipe_values = None
-        plan = plan_params(committed, original.params, experiment, recipe_values)
+        plan = plan_params(committed, original.params_in_force, experiment, recipe_values)
         import yaml
 
         params_path.write_text(yaml.safe_dump(plan.raw, sort_keys=False))
@@ -214,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = connect()
     original = read_run(client, args.run_id, CURVES)
     commit = check_reproducible(original, lambda c: commit_exists(repo, c))
+    for note in record_notes(original):
+        print(f"note: {note}")
     ignore: tuple[str, ...] = (EXPERIMENT_KEY, REGISTERED_MODEL_KEY)
     if args.compare_with:
         new = read_run(client, args.compare_with, CURVES)

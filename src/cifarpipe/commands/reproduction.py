@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cifarpipe.config import BASE_RECIPE, UserError, flatten_mapping, read_yaml_text, unflatten
+from pydantic import BaseModel
+
+from cifarpipe.config import BASE_RECIPE, Params, UserError, flatten_mapping, read_yaml_text, unflatten
 
 if TYPE_CHECKING:
     from cifarpipe.tracking.runs import StoredRun
@@ -46,6 +48,10 @@ def check_reproducible(run: StoredRun, commit_exists: Callable[[str], bool]) -> 
     what no rerun can fix (no commit, uncommitted code, a commit this repository lacks), then an
     unfinished run, then the data."""
     rid = run.run_id
+    trained_by = run.tags.get("evaluation_of")  # a nested "-eval-" run (tracking.journal): it trained nothing
+    if trained_by:
+        raise UserError(f"run {rid} is an evaluation of run {trained_by}'s model with other evaluate params, not a "
+                        f"training: reproduce the training run (cifarpipe-reproduce {trained_by})")
     commit = recorded_commit(run)
     if commit is None:
         raise UserError(f"run {rid} records no git commit (trained outside a git checkout): its code can't be recreated")
@@ -76,6 +82,21 @@ def check_reproducible(run: StoredRun, commit_exists: Callable[[str], bool]) -> 
         raise UserError(f"run {rid}'s record is inconsistent: tag data_md5 {run.tags['data_md5']} but param "
                         f"data.md5 {md5}; the data it trained on is unknown")
     return commit
+
+
+def record_notes(run: StoredRun) -> list[str]:
+    """What a user must know before reading a reproduction's verdict on `run`."""
+    notes = []
+    changed = {k: v for k, v in run.tags.items() if k.startswith("param_changed.")}
+    if changed:
+        notes.append(f"run {run.run_id} was continued with params changed ("
+                     + ", ".join(f"{k.removeprefix('param_changed.')} {v}" for k, v in sorted(changed.items()))
+                     + "): the reproduction runs with the values in force at its end, so the epochs it ran "
+                     "before the change may differ by float rounding")
+    if run.tags.get("reuses_run"):
+        notes.append(f"run {run.run_id} trained nothing itself: its weights and curves are run "
+                     f"{run.tags['reuses_run']}'s (tag reuses_run); the reproduction trains with this run's params")
+    return notes
 
 
 def typed_value(logged: str, committed: Any) -> Any:
@@ -155,7 +176,8 @@ def _num(v: float) -> str:
 def compare(recorded: StoredRun, reproduced: StoredRun, tolerance: float = 0.0,
             ignore_params: Sequence[str] = ()) -> list[Difference]:
     """Every difference between a run and its reproduction: per-epoch curve values, test metrics,
-    the data tags and the commit, and params (except `ignore_params`, set on purpose). Values are
+    the data tags and the commit, and the pipeline's params (except `ignore_params`, set on purpose;
+    see pipeline_params). Values are
     equal when exactly equal (tolerance 0) or within `tolerance` (absolute); NaN equals NaN."""
     out: list[Difference] = []
     for name in CURVES:
@@ -177,11 +199,23 @@ def compare(recorded: StoredRun, reproduced: StoredRun, tolerance: float = 0.0,
             (f"tag {k}", recorded.tags.get(k), reproduced.tags.get(k)) for k in CHECKED_TAGS]:
         if a != b:
             out.append(Difference(name, None, a or "-", b or "-", "differs"))
-    for key in sorted(set(recorded.params) | set(reproduced.params)):
-        a, b = recorded.params.get(key), reproduced.params.get(key)
+    rec_params, rep_params = pipeline_params(recorded.params_in_force), pipeline_params(reproduced.params_in_force)
+    for key in sorted(set(rec_params) | set(rep_params)):
+        a, b = rec_params.get(key), rep_params.get(key)
         if key not in ignore_params and a != b:
             out.append(Difference(f"param {key}", None, a or "-", b or "-", "differs"))
     return out
+
+
+def pipeline_params(params: dict[str, str]) -> dict[str, str]:
+    """The params of the pipeline (params.yaml's keys: `recipe` and the dotted keys of its
+    sections), without what else a run's params hold: `mlflow run .` logs its entry point's own
+    parameters (epochs, batch_size, lr, ... as passed with -P, '' when not), and an MLflow model
+    logs its model_config (device). Those describe how the run was started, not what it trained."""
+    sections = {name for name, field in Params.model_fields.items()
+                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)}
+    scalars = set(Params.model_fields) - sections  # `recipe`
+    return {k: v for k, v in params.items() if k in scalars or ("." in k and k.split(".")[0] in sections)}
 
 
 def by_step(history: list[tuple[int, float]]) -> dict[int, list[float]]:

@@ -9,8 +9,9 @@ trial, the sampler and the pruner (cifarpipe.commands.tuning). Each trial trains
 values (with its recipe) plus the trial's, validated by config.py, through the train stage's code
 (pipeline.trial) on the split's training part; it is judged on the validation part only, never
 the test set. After each epoch the trial reports its validation accuracy to Optuna, which may
-prune it. A trial's value is its last epoch's validation accuracy: what the reproduced pipeline's
-model (the last epoch's weights) gets.
+prune it; train.early_stopping ends it as it ends the train stage (a complete trial). A trial's
+value is the validation accuracy of the weights the reproduced pipeline keeps (evaluate.weights:
+the best epoch's, or the last one's).
 
 MLflow: one parent run for the study, one nested run per trial (tracking.study). The study lives
 in an Optuna journal file, outputs/tune/<study>.journal: rerunning the command continues it (a
@@ -169,7 +170,7 @@ def run_study(args: argparse.Namespace, spec: tuning.TuneSpec, name: str, journa
     client = store.connect()
     study = open_study(spec, name, journal)
     prepare(study, spec, args.space.read_text(), client)
-    parent = runs.open_parent(client, base.tracking.experiment, name, journal, settings(spec, args.space),
+    parent = runs.open_parent(client, base.tracking.experiment, name, journal, tuning.settings(spec, args.space),
                               args.space, study.user_attrs.get("mlflow_run_id"))
     study.set_user_attr("mlflow_run_id", parent)
     done = finished(study)
@@ -193,20 +194,6 @@ def run_study(args: argparse.Namespace, spec: tuning.TuneSpec, name: str, journa
               "continue the study", file=sys.stderr)
         return INTERRUPTED_EXIT
     return 0
-
-
-def settings(spec: tuning.TuneSpec, path: Path) -> dict[str, object]:
-    """The search's settings as the parent run's params."""
-    out: dict[str, object] = {"search_file": str(path), "trials": spec.trials, "epochs_per_trial": spec.epochs,
-                              "sampler": f"{spec.sampler.name} (startup {spec.sampler.startup_trials}, seed "
-                                         f"{spec.sampler.seed})",
-                              "pruner": f"{spec.pruner.name} (startup {spec.pruner.startup_trials}, warm-up "
-                                        f"{spec.pruner.warmup_epochs} epochs)"}
-    for key, space in spec.params.items():
-        out[f"space.{key}"] = (f"one of {space.choices}" if isinstance(space, tuning.Choice) else
-                               f"{space.type} {space.low}..{space.high}" + (" log" if space.log else ""))
-    out.update({f"fixed.{k}": v for k, v in spec.fixed.items()})
-    return out
 
 
 def run_workers(args: argparse.Namespace, parent: str, lock_fd: int) -> None:
@@ -313,7 +300,7 @@ class Objective:
             return trial.should_prune()
 
         try:
-            history = train_trial(params, self.data, self.device, on_epoch)
+            state = train_trial(params, self.data, self.device, on_epoch)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             runs.end_trial(self.client, run_id, "INTERRUPTED")
@@ -321,13 +308,18 @@ class Objective:
         except BaseException as e:
             runs.end_trial(self.client, run_id, "FAILED", {"error": f"{type(e).__name__}: {e}"[:500]})
             raise
-        trial.set_user_attr("val_accuracy_per_epoch", [row["val_accuracy"] for row in history])
-        if len(history) < params.train.epochs:
-            runs.end_trial(self.client, run_id, "PRUNED", {"pruned_after_epoch": str(len(history))})
-            print(f"{self.prefix}trial {trial.number} pruned after epoch {len(history)}", flush=True)
+        curve = [row["val_accuracy"] for row in state.history]
+        trial.set_user_attr("val_accuracy_per_epoch", curve)
+        if len(curve) < params.train.epochs and not state.stopped_early:
+            runs.end_trial(self.client, run_id, "PRUNED", {"pruned_after_epoch": str(len(curve))})
+            print(f"{self.prefix}trial {trial.number} pruned after epoch {len(curve)}", flush=True)
             raise optuna.TrialPruned()
-        value = history[-1]["val_accuracy"]
-        runs.end_trial(self.client, run_id, "COMPLETE")
+        value = tuning.trial_value(curve, params.evaluate.weights)
+        stopped = {"stopped_early_after_epoch": str(len(curve))} if state.stopped_early else {}
+        if stopped:
+            print(f"{self.prefix}trial {trial.number}: train.early_stopping ended it after epoch {len(curve)}",
+                  flush=True)
+        runs.end_trial(self.client, run_id, "COMPLETE", stopped)
         runs.trial_done(self.client, self.parent, trial.number, value)
         return value
 
@@ -356,7 +348,8 @@ def summarise(study, spec: tuning.TuneSpec, name: str, base: Params, params_path
               f"MLflow: trial run {best.user_attrs['mlflow_run_id']}, study run {parent}",
               f"reproduce: dvc exp run -S recipe={recipe.stem}   (keys not listed: params.yaml's values)"]
     atomic.write_text(recipe, tuning.recipe_text(name, header, values))
-    print(f"best: trial {best.number}, validation accuracy {best.value:.4f} after {spec.epochs} epochs; recipe "
+    print(f"best: trial {best.number}, validation accuracy {best.value:.4f} (evaluate.weights "
+          f"{params.evaluate.weights}, {len(best.user_attrs['val_accuracy_per_epoch'])} epochs trained); recipe "
           f"{recipe} ({len(values)} values): dvc exp run -S recipe={recipe.stem}")
     return recipe
 

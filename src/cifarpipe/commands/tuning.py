@@ -128,6 +128,26 @@ def with_values(base: Params, values: dict[str, Any], source: str) -> Params:
     return parse_params(raw, source)
 
 
+def settings(spec: TuneSpec, path: Path) -> dict[str, object]:
+    """The search's settings as the parent run's params."""
+    out: dict[str, object] = {"search_file": str(path), "trials": spec.trials, "epochs_per_trial": spec.epochs,
+                              "sampler": f"{spec.sampler.name} (startup {spec.sampler.startup_trials}, seed "
+                                         f"{spec.sampler.seed})",
+                              "pruner": f"{spec.pruner.name} (startup {spec.pruner.startup_trials}, warm-up "
+                                        f"{spec.pruner.warmup_epochs} epochs)"}
+    for key, space in spec.params.items():
+        out[f"space.{key}"] = (f"one of {space.choices}" if isinstance(space, Choice) else
+                               f"{space.type} {space.low}..{space.high}" + (" log" if space.log else ""))
+    out.update({f"fixed.{k}": v for k, v in spec.fixed.items()})
+    return out
+
+
+def trial_value(val_accuracies: list[float], weights: str) -> float:
+    """A trial's value: the validation accuracy of the weights the pipeline keeps for the same
+    params (evaluate.weights): best, the highest epoch's; last, the last epoch's."""
+    return max(val_accuracies) if weights == "best" else val_accuracies[-1]
+
+
 def trial_values(spec: TuneSpec, searched: dict[str, Any]) -> dict[str, Any]:
     """Every value a trial sets: the fixed ones, the epochs, the searched ones."""
     return {**spec.fixed, EPOCHS_KEY: spec.epochs, **searched}

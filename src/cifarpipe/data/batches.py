@@ -32,7 +32,9 @@ from cifarpipe.config import AugmentParams
 
 def epoch_seed(seed: int, epoch: int) -> int:
     # Distinct, reproducible stream per (seed, epoch); 1_000_003 is a prime > any epoch count.
-    return seed * 1_000_003 + epoch
+    # Modulo 2**64, what torch.Generator.manual_seed takes: the same value as before for every seed
+    # below 2**44 (the same batches), and no "Overflow when unpacking long long" in epoch 1 above it.
+    return (seed * 1_000_003 + epoch) % 2**64
 
 
 def channel_stats(images_u8: np.ndarray) -> tuple[list[float], list[float]]:

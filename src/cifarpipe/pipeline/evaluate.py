@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic, faults, report
 from cifarpipe.config import ModelParams, Params, UserError, flatten, load_params
@@ -26,7 +27,7 @@ from cifarpipe.data.batches import DeviceBatches
 from cifarpipe.pipeline.phases import Phases, timed
 from cifarpipe.training import checkpoint, engine
 from cifarpipe.tracking import store
-from cifarpipe.tracking.journal import Journal, deliver, journal_path
+from cifarpipe.tracking.journal import Journal, deliver, is_deleted, journal_path
 from cifarpipe.training.models import build_model
 
 STORE_PENDING_EXIT = 3  # outputs written, MLflow deliveries pending: a failure DVC reruns, not a user error
@@ -52,28 +53,23 @@ def main(paths: EvaluatePaths, params_path: Path) -> int:
     with ThreadPoolExecutor(1, thread_name_prefix="warm-up") as pool:
         # MLflow's store client imports its store (SQLAlchemy, alembic: 1.2 s on a 2-core CPU) while
         # the model evaluates and the reports are drawn.
-        client_ready = pool.submit(timed, store.store_client, phases.background, "store client")
+        client_ready = pool.submit(timed, existing_store_client, phases.background, "store client")
         test_x, test_y, weights, result = evaluate_test_set(paths, params, device)
         phases.lap("load and evaluate")
         write_reports(paths, weights, test_x, test_y, result, phases)
         client = client_ready.result()
 
     # ---- MLflow: train's pending items first (same run, in order), then this evaluation
-    run_id = paths.run_id.read_text().strip()
-    journal.add_evaluation(run_id, flatten(params), {"test_loss": result.loss, "test_accuracy": result.accuracy,
-                                                     **phases.metrics()},
-                           [paths.metrics, paths.per_class, paths.confusion_png, paths.mistakes_png],
-                           n_test=len(test_y))
-    left = deliver(client, journal, log=lambda msg: None)
-    phases.lap("deliver")
-    print(phases.report(), flush=True)
-    if left:
-        error = next(iter(journal.errors.values()), "")
-        print(f"error: MLflow store {store.tracking_uri()} unreachable ({error}): outputs written, {left} item(s) "
-              f"pending in {journal.path}; run `dvc repro` when it answers", file=sys.stderr)
-        return STORE_PENDING_EXIT
-    print(f"logged to MLflow ({store.tracking_uri()}), training run {run_id}")
-    return 0
+    return log_evaluation(paths, params, result, len(test_y), journal, client, phases)
+
+
+def existing_store_client() -> MlflowClient | None:
+    """The store's client, or None for a SQLite store whose file is missing: MLflow's client would
+    create an empty store there, and log_evaluation says what is missing instead."""
+    uri = store.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    return store.store_client()
 
 
 def evaluate_test_set(paths: EvaluatePaths, params: Params, device: torch.device
@@ -85,6 +81,10 @@ def evaluate_test_set(paths: EvaluatePaths, params: Params, device: torch.device
         weights = checkpoint.load(paths.weights)
     except FileNotFoundError:
         raise UserError(f"{paths.weights}: not found; run the train stage first") from None
+    if weights.get("weights", params.evaluate.weights) != params.evaluate.weights:  # the train stage decides
+        raise UserError(f"{paths.weights} holds the {weights['weights']} weights, params.yaml asks for "
+                        f"evaluate.weights = {params.evaluate.weights}: run the train stage (`dvc repro`), which "
+                        "writes them from the job's checkpoints")
     model_params = ModelParams(**weights["model"])
     model = build_model(model_params).to(device)
     model.load_state_dict(weights["state_dict"])
@@ -104,6 +104,7 @@ def write_reports(paths: EvaluatePaths, weights: dict, test_x: np.ndarray, test_
     cm = report.confusion_matrix(test_y, result.predictions, len(classes))
     table = report.per_class_table(cm, classes)
     metrics = {"accuracy": result.accuracy, "loss": result.loss, "n_test": int(len(test_y)),
+               "weights_epoch": weights.get("epoch"),  # None: a weights file that does not say
                "per_class_accuracy": dict(zip(classes, table["accuracy"].round(4).tolist()))}
     atomic.write_text(paths.metrics, json.dumps(metrics, indent=2) + "\n")
     report.write_csv(table, paths.per_class)
@@ -118,4 +119,47 @@ def write_reports(paths: EvaluatePaths, weights: dict, test_x: np.ndarray, test_
                         f"{name}: the most confidently misclassified test images ({wrong} of {len(test_y)} wrong)")
     phases.lap("pictures")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"test accuracy {result.accuracy:.4f}, test loss {result.loss:.4f} -> {paths.metrics}")
+    which = f" of the {weights['weights']} weights (epoch {weights['epoch']})" if "epoch" in weights else ""
+    print(f"test accuracy{which} {result.accuracy:.4f}, test loss {result.loss:.4f} -> {paths.metrics}")
+
+
+def log_evaluation(paths: EvaluatePaths, params: Params, result: engine.EvalResult, n_test: int,
+                   journal: Journal, client: MlflowClient | None, phases: Phases) -> int:
+    """Deliver the evaluation into the training's MLflow run (or its nested evaluation run); the
+    stage's exit status. Says "logged" only for what the store took: a store file that is gone, a
+    deleted run or a dropped evaluation stops the stage (DVC then records nothing) naming where the
+    results are, and an unreachable store leaves it pending (STORE_PENDING_EXIT)."""
+    run_id = paths.run_id.read_text().strip()
+    outputs = [paths.metrics, paths.per_class, paths.confusion_png, paths.mistakes_png]
+    journal.add_evaluation(run_id, flatten(params), {"test_loss": result.loss, "test_accuracy": result.accuracy,
+                                                     **phases.metrics()}, outputs, n_test=n_test)
+    item = journal.items[-1]
+    where = f"its results are in {', '.join(str(p) for p in outputs)}, and it waits in {journal.path}"
+    uri = store.tracking_uri()
+    # MLflow would create an empty store here and then drop the evaluation for want of its run.
+    store.require_store_file(uri, f"training run {run_id} ({paths.run_id}) was logged to a store there, which was "
+                                  f"moved or deleted. Nothing was logged: {where}. Put the store back and run `dvc repro`")
+    client = client or store.store_client()  # None only when the file was missing a moment ago
+    if is_deleted(client, run_id):
+        raise UserError(f"MLflow run {run_id} ({paths.run_id}) is deleted in {uri}, so its evaluation was not logged: "
+                        f"{where}. Restore it (`mlflow runs restore --run-id {run_id}`) and run `dvc repro`, or "
+                        "train again (`dvc repro --force train`)")
+    left = deliver(client, journal, log=lambda msg: None)
+    phases.lap("deliver")
+    print(phases.report(), flush=True)
+    why = next((why for it, why in journal.dropped if it is item), None)
+    if why is not None:
+        raise UserError(f"MLflow did not take the evaluation of run {run_id} ({why}): nothing of it was logged; "
+                        f"its results are in {', '.join(str(p) for p in outputs)}")
+    if left:
+        error = next(iter(journal.errors.values()), "")
+        print(f"error: MLflow store {uri} unreachable ({error}): outputs written, {left} item(s) "
+              f"pending in {journal.path}; run `dvc repro` when it answers", file=sys.stderr)
+        return STORE_PENDING_EXIT
+    target = item.get("delivered_to", run_id)
+    versions = item.get("versions") or []
+    print(f"logged to MLflow ({uri}): " + (f"training run {run_id}" if target == run_id else
+                                          f"run {target}, nested under training run {run_id} (other evaluate params)")
+          + (f"; test_accuracy tagged on version {', '.join(map(str, versions))} of "
+             f"{params.tracking.registered_model!r}" if versions else ""))
+    return 0

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic, faults, workspace
-from cifarpipe.config import Params, TrainParams, UserError, flatten, load_params, recipe_changes
+from cifarpipe.config import (Params, TrainParams, UserError, flatten, load_params, params_in_force_text,
+                              recipe_changes)
 from cifarpipe.data import archive, split
 from cifarpipe.data.batches import DeviceBatches, EpochBatches, channel_stats, dataloader_batches, whitening_images
 from cifarpipe.pipeline.phases import Phases, timed
@@ -56,6 +57,7 @@ class TrainPaths:
     run_id: Path
     metrics: Path
     tensorboard_dir: Path
+    params_in_force: Path | None = None  # the values in force, for `dvc exp show` (config.params_in_force_text)
 
 
 def main(paths: TrainPaths, params_path: Path, script: str, argv: list[str]) -> int:
@@ -156,7 +158,7 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
             steps_per_epoch, train_batches, val_batches = epoch_batches(data, params, device, group)
             setup = build_setup(data, params, device, group, steps_per_epoch)  # the recipe of params.yaml
             phases.lap("model and batches")
-            state = restored_state(resume, resume_path, setup, params, device, group, steps_per_epoch)
+            state = restored_state(resume, setup, params, device)
         except Exception:
             store_ready.result()  # a store that does not answer is reported first: nothing works without it
             raise
@@ -170,12 +172,9 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
         run = job.open_job_run(client, params, job.JobStart(
             job_dir.name, data.split_hash, engine.device_name(device), resumed=bool(resume),
             resume_run_id=resume["mlflow_run_id"] if resume else None, history=state.history,
-            n_train=len(data.train_y), n_val=len(data.val_y)), Journal(journal_path(paths.run_id)), paths.run_id,
-            paths.tensorboard_dir)
-        print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
-              f"of {len(data.train_y)} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
-              + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
-                 else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
+            n_train=len(data.train_y), n_val=len(data.val_y), complete=bool(resume and resume["complete"]),
+            checkpoint=resume_path), Journal(journal_path(paths.run_id)), paths.run_id, paths.tensorboard_dir)
+        say_what_runs(run, state, params, resume_path, steps_per_epoch, len(data.train_y), device, group)
         phases.lap("open run")
 
     prepare_steps(setup, state, p, train_batches, log=print if main else lambda line: None)
@@ -188,7 +187,8 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
     try:
         with stop.installed():
             if not engine.fit(setup, state, p.epochs, train_batches, val_batches, steps_per_epoch, hooks,
-                              group=group, log_every=p.log_every if main else 0, log=tqdm.write):
+                              group=group, log_every=p.log_every if main else 0, log=tqdm.write,
+                              early_stopping=p.early_stopping):
                 return stopped(state, stop, run, job_dir, device, group)
     except BaseException:
         if run:
@@ -223,21 +223,13 @@ def resume_point(paths: TrainPaths, params: Params, data: TrainingData, group: G
     return job_dir, group.broadcast(resume), resume_path
 
 
-def restored_state(resume: dict | None, resume_path: Path | None, setup: engine.TrainingSetup, params: Params,
-                   device: torch.device, group: Group, steps_per_epoch: int) -> engine.TrainState:
+def restored_state(resume: dict | None, setup: engine.TrainingSetup, params: Params,
+                   device: torch.device) -> engine.TrainState:
     """Where training starts: the checkpoint's state (model, optimizer, scheduler and generators
     loaded), or the beginning."""
     if not resume:
         return engine.TrainState()
-    p = params.train
-    state = checkpoint.restore(resume, setup, device, mid_epoch=p.loader != "dataloader")
-    if group.is_main and state.epoch == p.epochs:  # killed after its last epoch, before its outputs and run were complete
-        print(f"{resume_path}: all {p.epochs} epochs are trained; completing the outputs and MLflow run "
-              f"{resume['mlflow_run_id']} from it (no retraining)")
-    elif group.is_main:
-        print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {state.progress.step} of "
-              f"{steps_per_epoch}" + (f", in {group.world_size} processes" if group.active else ""))
-    return state
+    return checkpoint.restore(resume, setup, device, mid_epoch=params.train.loader != "dataloader")
 
 
 def stopped(state: engine.TrainState, stop: StopRequest, run: job.JobRun | None, job_dir: Path,
@@ -276,7 +268,7 @@ def prepare_steps(setup: engine.TrainingSetup, state: engine.TrainState, p: Trai
     if not state.history and not state.progress.step and setup.init_seconds:
         state.seconds = setup.init_seconds
         log(f"whitening layer computed from the training images in {setup.init_seconds:.3f} s (part of epoch 1's time)")
-    if p.kernel_warmup_steps and state.epoch < p.epochs:
+    if p.kernel_warmup_steps and state.epoch < p.epochs and not state.stopped_early:
         t0 = time.perf_counter()
         x, y = next(iter(train_batches(state.epoch, 0)))
         warm_up(setup.step, x, y, p.kernel_warmup_steps)
@@ -285,34 +277,78 @@ def prepare_steps(setup: engine.TrainingSetup, state: engine.TrainState, p: Trai
             "(not part of the epochs' time)")
 
 
+def say_what_runs(run: job.JobRun, state: engine.TrainState, params: Params, resume_path: Path | None,
+                  steps_per_epoch: int, n_train: int, device: torch.device, group: Group) -> None:
+    """Rank 0's account of what this execution does: train, resume, complete a killed job's run, or
+    reuse a finished job's weights in a run of its own (naming the checkpoint it really uses)."""
+    p = params.train
+    trained = state.epoch == p.epochs or state.stopped_early
+    if trained and run.reuses:
+        print(f"{resume_path}: this job (the same params that shape training, data and code) finished in MLflow "
+              f"run {run.reuses}: nothing is trained now. Its weights and history become the outputs, recorded in "
+              f"MLflow run {run.run_id}, this execution's (tag reuses_run). To train again, move {resume_path.parent} "
+              "away.")
+        return
+    if trained:  # killed after its last epoch, before its outputs and run were complete
+        done = (f"early stopping ended training after epoch {state.epoch} of {p.epochs}" if state.stopped_early
+                else f"all {p.epochs} epochs are trained")
+        print(f"{resume_path}: {done}; completing the outputs and MLflow run {run.run_id} from it (no retraining)")
+        return
+    if resume_path:
+        print(f"resuming from {resume_path}: epoch {state.epoch + 1}, batch {state.progress.step} of "
+              f"{steps_per_epoch}" + (f", in {group.world_size} processes" if group.active else ""))
+    print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
+          f"of {n_train} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
+          + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
+             else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
+
+
 def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, setup: engine.TrainingSetup,
                   data: TrainingData, record: EpochRecord, run: job.JobRun, phases: Phases) -> None:
     """A finished training's outputs (weights, history, metrics, the complete checkpoint), then
     MLflow, call 2 of 2: the run closed with its artifacts and model."""
     # NHWC (channels_last) was a training-speed choice; the weights file and the MLflow model get
-    # the standard layout, which loaders expect and torch.export (MLflow's pt2 format) saves
-    # without "No complete tensor found" warnings.
-    model = setup.model.to("cpu", memory_format=torch.contiguous_format)
-    checkpoint.save_weights(paths.weights, checkpoint.weights_file(model, params, data.mean, data.std, data.classes))
+    # the standard layout (chosen_weights), which loaders expect and torch.export (MLflow's pt2
+    # format) saves without "No complete tensor found" warnings.
+    weights, epoch = checkpoint.chosen_weights(params.evaluate.weights, state, setup.model, record.job_dir)
+    checkpoint.save_weights(paths.weights, checkpoint.weights_file(weights, params, data.mean, data.std, data.classes,
+                                                                   epoch))
     atomic.write_text(paths.history, pd.DataFrame(state.history).to_csv(index=False))
-    atomic.write_text(paths.metrics, json.dumps(training_summary(state.history), indent=2) + "\n")
-    record.save_checkpoint(state, complete=True)
-    faults.hit("finish", params.train.epochs)
+    summary = training_summary(state, params, epoch)
+    atomic.write_text(paths.metrics, json.dumps(summary, indent=2) + "\n")
+    if paths.params_in_force:
+        atomic.write_text(paths.params_in_force, params_in_force_text(params))
+    if not run.reuses:  # a reused job's checkpoint stays its own: complete, naming the run that trained it
+        record.save_checkpoint(state, complete=True)
+    faults.hit("finish", state.epoch)
     phases.lap("outputs")
+    tags = {"weights": params.evaluate.weights, "weights_epoch": str(epoch), "epochs_trained": str(state.epoch)}
+    if state.stopped_early:
+        tags["stopped_early_at"] = str(state.epoch)
     # Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input
     # example, and with its output the model's signature.
     model_uri = run.close(checkpoints=[record.last, record.best], history=state.history, history_file=paths.history,
                           weights=paths.weights, example=data.val_x[:4].copy(),
-                          registered_model=params.tracking.registered_model, metrics=phases.metrics())
+                          registered_model=params.tracking.registered_model, tags=tags,
+                          metrics={"model_val_accuracy": summary["model_val_accuracy"], **phases.metrics()})
     phases.lap("close run")
-    print(f"done: best val accuracy {state.best_val_accuracy:.4f}; weights {paths.weights}; model {model_uri}")
+    best = "" if epoch == summary["best_epoch"] else (f"; the best, {summary['best_val_accuracy']:.4f}, was epoch "
+                                                      f"{summary['best_epoch']}")
+    print(f"done: {paths.weights} holds the weights of epoch {epoch} of {state.epoch} trained (evaluate.weights "
+          f"{params.evaluate.weights}, val accuracy {summary['model_val_accuracy']:.4f}{best}); model {model_uri}")
     print(phases.report(), flush=True)
 
 
-def training_summary(history: list[dict[str, float]]) -> dict[str, float]:
-    """The training side of `dvc metrics`: best validation accuracy, its epoch, the time spent."""
+def training_summary(state: engine.TrainState, params: Params, weights_epoch: int) -> dict[str, float]:
+    """The training side of `dvc metrics`: best validation accuracy and its epoch, the validation
+    accuracy of the weights in the weights file and their epoch, the epochs trained and asked for
+    (fewer when early stopping ended training), the time spent."""
+    history = state.history
     best = max(history, key=lambda row: row["val_accuracy"])
-    return {"best_val_accuracy": best["val_accuracy"], "best_epoch": int(best["epoch"]), "epochs": len(history),
+    return {"best_val_accuracy": best["val_accuracy"], "best_epoch": int(best["epoch"]),
+            "model_val_accuracy": history[weights_epoch - 1]["val_accuracy"], "weights_epoch": weights_epoch,
+            "epochs_trained": len(history), "epochs_requested": params.train.epochs,
+            "stopped_early": state.stopped_early,
             "train_seconds": round(sum(row["epoch_seconds"] for row in history), 1)}
 
 
@@ -322,13 +358,13 @@ class EpochRecord:
 
     def __init__(self, run: job.JobRun, setup: engine.TrainingSetup, device: torch.device, params: Params,
                  job_dir: Path, history_path: Path) -> None:
-        self.run, self.setup, self.device, self.params, self.fingerprint = run, setup, device, params, job_dir.name
+        self.run, self.setup, self.device, self.params, self.job_dir = run, setup, device, params, job_dir
         self.last, self.best, self.history_path = job_dir / "last.pt", job_dir / "best.pt", history_path
 
     def save_checkpoint(self, state: engine.TrainState, complete: bool = False, path: Path | None = None) -> None:
         checkpoint.save(path or self.last, checkpoint.build(
             state, self.setup, self.device, seed=self.params.train.seed, run_id=self.run.run_id,
-            fingerprint=self.fingerprint, model_name=self.params.model.name, complete=complete))
+            fingerprint=self.job_dir.name, model_name=self.params.model.name, complete=complete))
 
     def epoch(self, state: engine.TrainState, improved: bool) -> None:
         if improved:  # best first: a kill between the two writes then just redoes this epoch
@@ -384,3 +420,7 @@ class StageHooks(engine.LoopHooks):
         print(f"epoch {state.epoch:3d}/{self.epochs}  train loss {row['train_loss']:.4f}  val loss "
               f"{row['val_loss']:.4f}  val acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  "
               f"{row['epoch_seconds']:6.1f} s  {row['images_per_second']:8.0f} img/s", flush=True)
+        if state.stopped_early:
+            n = state.epochs_without_improvement
+            print(f"early stopping: no improvement in validation accuracy for {n} epoch{'s' if n != 1 else ''} "
+                  f"(train.early_stopping): training stops after epoch {state.epoch} of {self.epochs}", flush=True)

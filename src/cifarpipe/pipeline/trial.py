@@ -2,8 +2,8 @@
 validated on its validation part (never the test set), without checkpoints, outputs or MLflow.
 
 The same data (pipeline.train.load_data), batches (pipeline.train.epoch_batches), setup
-(pipeline.train.build_setup), kernel warm-up (pipeline.train.prepare_steps) and loop (engine.fit)
-as the train stage, in the same order from the same seeds: a trial's per-epoch validation accuracy
+(pipeline.train.build_setup), kernel warm-up (pipeline.train.prepare_steps) and loop (engine.fit,
+with train.early_stopping) as the train stage, in the same order from the same seeds: a trial's per-epoch validation accuracy
 is what `dvc exp run -S recipe=<its recipe>` logs, on the same machine with the same number of CPU
 threads. After each epoch `on_epoch(row)`
 says whether to stop (a pruned trial).
@@ -61,13 +61,14 @@ class _TrialHooks(engine.LoopHooks):
 
 
 def train_trial(params: Params, data: TrainingData, device: torch.device,
-                on_epoch: Callable[[dict[str, float]], bool]) -> list[dict[str, float]]:
-    """Train `params` for params.train.epochs epochs, or until `on_epoch(row)` returns True; the
-    per-epoch rows (the train stage's history.csv columns)."""
+                on_epoch: Callable[[dict[str, float]], bool]) -> engine.TrainState:
+    """Train `params` for params.train.epochs epochs, or until train.early_stopping ends it (as in
+    the train stage: state.stopped_early) or `on_epoch(row)` returns True (a pruned trial). The
+    state's history holds the per-epoch rows (the train stage's history.csv columns)."""
     steps_per_epoch, train_batches, val_batches = epoch_batches(data, params, device, Group())
     setup = build_setup(data, params, device, Group(), steps_per_epoch)
     state = engine.TrainState()
     prepare_steps(setup, state, params.train, train_batches, log=lambda line: None)
     engine.fit(setup, state, params.train.epochs, train_batches, val_batches, steps_per_epoch,
-               _TrialHooks(on_epoch), log_every=0)
-    return state.history
+               _TrialHooks(on_epoch), log_every=0, early_stopping=params.train.early_stopping)
+    return state

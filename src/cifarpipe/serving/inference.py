@@ -33,7 +33,8 @@ def check_images(images: Any) -> np.ndarray:
     """`images` as a uint8 array (N, 32, 32, 3): the CIFAR layout (height, width, RGB), 0..255.
 
     A single (32, 32, 3) image becomes N = 1. Integers in 0..255 of another dtype (JSON gives
-    int64) are accepted; floats are not, since their scale (0..1 or 0..255) would be a guess."""
+    int64) are accepted; floats are not, since their scale (0..1 or 0..255) would be a guess: 0..1
+    floats read as 0..255 are a black image, classified without a word."""
     arr = np.asarray(images)
     if arr.ndim == 3:
         arr = arr[None]
@@ -43,7 +44,9 @@ def check_images(images: Any) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"expected uint8 pixel values 0..255, got dtype {arr.dtype}")
+        raise ValueError(f"expected integer pixel values 0..255 (uint8), got dtype {arr.dtype}: floats are refused, "
+                         "since their scale (0..1 or 0..255) would be a guess; send integers, e.g. "
+                         "(x * 255).round().astype('uint8') for 0..1 floats")
     if arr.size and (arr.min() < 0 or arr.max() > 255):
         raise ValueError(f"pixel values must be 0..255, got {arr.min()}..{arr.max()}")
     return arr.astype(np.uint8)
@@ -117,21 +120,40 @@ class Classifier:
 
 # ---------------------------------------------------------------- image files
 # The one rule that turns any picture into a CIFAR-sized image, for every user (the predict
-# command's --help states it): EXIF orientation applied; converted to RGB (greyscale and palette
-# images expanded, an alpha channel dropped); the largest centred square kept (the longer side
-# cropped equally at both ends, so the object keeps its proportions, as CIFAR's photos have them);
+# command's --help states it): EXIF orientation applied; 16-bit greyscale scaled to 8 bits (see
+# to_8_bit); converted to RGB (greyscale and palette images expanded, an alpha channel dropped);
+# the largest centred square kept (the longer side cropped equally at both ends, so the object
+# keeps its proportions, as CIFAR's photos have them);
 # that square resized to 32 x 32 with Pillow's bilinear filter, which is antialiased when it
 # shrinks (Pillow widens the filter by the reduction factor). A 32 x 32 image passes unchanged,
 # so a PNG written from a CIFAR image gives back exactly its pixels.
-RESIZE_RULE = ("EXIF orientation applied; converted to RGB (alpha dropped); the largest centred square kept; "
-               "resized to 32x32 with Pillow's bilinear filter (antialiased when shrinking); 32x32 images unchanged")
+RESIZE_RULE = ("EXIF orientation applied; 16-bit greyscale scaled to 8 bits; converted to RGB (alpha dropped); "
+               "the largest centred square kept; resized to 32x32 with Pillow's bilinear filter (antialiased when "
+               "shrinking); 32x32 images unchanged")
+
+
+def to_8_bit(image):
+    """A 16-bit greyscale image (Pillow's modes I;16*, or I from an older Pillow) as 8-bit "L".
+    Pillow's own convert("RGB") clips such values at 255: any pixel above 255 of 65535, that is
+    almost every pixel, became white. The high byte is kept, as Pillow reduces 16-bit RGB PNGs."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{image.mode} pixels outside 0..65535 ({values.min()}..{values.max()}): their "
+                             "scale is unknown")
+        return Image.fromarray((values >> 8).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        raise ValueError("floating-point pixels: their scale is unknown")
+    return image
 
 
 def prepare_image(image) -> np.ndarray:
     """A PIL image -> uint8 (32, 32, 3) by the rule above."""
     from PIL import Image, ImageOps
 
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    image = to_8_bit(ImageOps.exif_transpose(image)).convert("RGB")
     w, h = image.size
     if (w, h) != (SIDE, SIDE):
         side = min(w, h)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cifarpipe.serving.inference import Classifier
+from cifarpipe.serving.inference import Classifier, check_images
 
 WEIGHTS_ARTIFACT = "weights"  # the name of the weights file among the model's artifacts
 
@@ -38,18 +38,33 @@ class CifarClassifierModel(mlflow.pyfunc.PythonModel):
         weights = checkpoint.load(context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu")  # weights_only
         self.classifier = Classifier.from_weights(weights, device)
 
-    # np.ndarray: MLflow validates the input against the signature (uint8 tensor), not the hint.
+    # np.ndarray: the signature declares no input schema (see signature), so this method checks the input itself.
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
         if self.classifier is None:
             raise RuntimeError("the model was not loaded (load_context was not called)")
+        try:
+            images = check_images(model_input)
+        except ValueError as e:  # `mlflow models serve` answers 400 with this message, not a bare 500
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
         with torch.inference_mode():
-            return self.classifier.predict(model_input)
+            return self.classifier.predict(images)
+
+
+# What the model takes, in its MLmodel metadata (the signature declares no input schema: see signature).
+INPUT = "uint8 images (N, 32, 32, 3): height, width, RGB, 0..255; JSON: integers (floats are refused)"
 
 
 def signature(example: np.ndarray, classes: list[str]):
-    """Input: uint8 images (-1, 32, 32, 3); output: the columns of inference.result_table, in order."""
+    """Output: the columns of inference.result_table, in order. No input schema, on purpose: MLflow
+    casts JSON input to the schema's dtype before the model sees it (np.array(data, dtype=uint8) in
+    `mlflow models predict` and `serve`), which truncates 0..1 floats to 0: every image classified as
+    black, exit 0. Without one, JSON integers arrive as int64 and floats as float64, and
+    inference.check_images takes the first and refuses the second with a clear message."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, Schema
 
     from cifarpipe.serving.inference import PROB_PREFIX, SIDE
 
@@ -57,6 +72,6 @@ def signature(example: np.ndarray, classes: list[str]):
         raise ValueError(f"the input example must be uint8 images (N, {SIDE}, {SIDE}, 3), got {example.dtype} "
                          f"{example.shape}")
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, SIDE, SIDE, 3))]),
+        inputs=None,
         outputs=Schema([ColSpec("string", "class"), ColSpec("long", "class_index"), ColSpec("double", "probability")]
                        + [ColSpec("double", PROB_PREFIX + name) for name in classes]))

@@ -8,6 +8,7 @@ before the first epoch and JobRun.close after the outputs are written.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ import numpy as np
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from cifarpipe import atomic
 from cifarpipe.config import Params, UserError, flatten
-from cifarpipe.tracking import datasets, model, provenance, record, registry, tensorboard
+from cifarpipe.tracking import datasets, in_force, model, provenance, record, registry, tensorboard
 from cifarpipe.tracking.journal import Journal, abandon, deliver
 from cifarpipe.tracking.run import EPOCH_METRICS, RunLogger
 from cifarpipe.tracking.store import create_experiment, is_not_found, short_error, tracking_uri, uri_of
@@ -38,6 +40,8 @@ class JobStart:
     history: list[dict[str, float]] = field(default_factory=list)  # the checkpoint's epochs
     n_train: int = 0
     n_val: int = 0
+    complete: bool = False  # the checkpoint is of a finished training (all epochs or stopped early; outputs written)
+    checkpoint: Path | None = None  # the checkpoint file it resumes from
 
 
 @dataclass
@@ -47,6 +51,7 @@ class JobRun:
     logger: RunLogger
     tb_dir: Path | None
     already_logged: dict[str, set[int]]
+    reuses: str | None = None  # a new run recording a finished job's reuse: the run that trained it
 
     @property
     def run_id(self) -> str:
@@ -68,11 +73,12 @@ class JobRun:
         self.logger.finish(status)
 
     def close(self, *, checkpoints: list[Path], history: list[dict[str, float]], history_file: Path, weights: Path,
-              example: np.ndarray, registered_model: str, metrics: dict[str, float] | None = None) -> str:
+              example: np.ndarray, registered_model: str, metrics: dict[str, float] | None = None,
+              tags: dict[str, str] | None = None) -> str:
         """Deliver a finished training's record: queued metrics, the checkpoints and history as
-        artifacts, `metrics` (step 0: the stage's phase timings), the model (logged from the weights
-        file), then status FINISHED, last; register the model as a version of `registered_model`
-        ("" = off).
+        artifacts, `metrics` (step 0: the stage's phase timings), `tags` (which weights, where
+        training stopped), the model (logged from the weights file), then status FINISHED, last;
+        register the model as a version of `registered_model` ("" = off).
 
         Everything goes through the journal: what the store does not take stays there and is
         delivered by evaluate or the next `dvc repro`; the stage still succeeds, since its outputs
@@ -92,6 +98,8 @@ class JobRun:
             journal.add_artifact(self.run_id, self.tb_dir / tensorboard.TENSORBOARD_FILE, f"tensorboard/{self.tb_dir.name}")
         if metrics:
             journal.add_metrics(self.run_id, metrics)
+        if tags:
+            journal.add_tags(self.run_id, tags)
         journal.add_model(self.run_id, weights, example)
         logger.finish("FINISHED")  # journals the status after the rest and delivers this run's items
         left = [it for it in journal.items if it["run_id"] == self.run_id]
@@ -117,9 +125,15 @@ def open_job_run(client: MlflowClient, params: Params, start: JobStart, journal:
     started: params, tags, requirements, the record, datasets, system metrics."""
     project_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run .` created for this job
     workspace = provenance.workspace_tags()
+    reuses, record_run = finished_run_to_reuse(client, params, start, project_run)
+    if reuses:  # a run of its own records this execution (an earlier one's for the same context, else a new
+        # one); the finished run stays as it is
+        start = dataclasses.replace(start, resume_run_id=record_run, resumed=record_run is not None)
     run_id = _tidy_orphans(client, params.tracking.experiment, workspace["workspace_key"], start, project_run, journal)
     git = provenance.read_git_state()
     rec = record.run_record(params, git)  # run name, DVC experiment, source/user tags, how to reproduce
+    if reuses:
+        rec = reuse_record(rec, reuses, start)
     logger = open_run(client, params.tracking.experiment, run_id, journal=journal,
                        create_tags={**workspace, "fingerprint": start.fingerprint}, run_name=rec.name)
     if run_id and logger.run_id != run_id:  # e.g. `mlflow run .` continues a killed job
@@ -135,9 +149,13 @@ def open_job_run(client: MlflowClient, params: Params, start: JobStart, journal:
             tags = {**git.tags(), **provenance.environment_tags(start.device_name), **workspace,
                     "data_md5": params.data.md5, "split_hash": start.split_hash, "fingerprint": start.fingerprint,
                     "deterministic": str(params.train.deterministic).lower()}
+            if reuses:
+                tags.update({"reuses_run": reuses, "reuses_checkpoint": str(start.checkpoint)})
             logger.log_start(flatten(params), tags, provenance.requirements_text())
             record.log_record(client, logger.run_id, rec)
-            logger.queue_history(start.history)  # a resumed job in a new run (the old one was deleted): all epochs
+            logger.queue_history(start.history)  # a resumed or reused job in a new run: all its epochs
+        # A run that existed before (continued, adopted, or `mlflow run`'s): its params may be stale.
+        in_force.record_params_in_force(client, logger.run_id, flatten(params))
     except Exception as e:  # the run stays RUNNING: the next attempt continues it (checkpoint or orphan scan)
         raise UserError(f"the MLflow store {tracking_uri()} failed while run {logger.run_id} was being set up "
                         f"({type(e).__name__}); nothing was trained: run again when it answers, the same run "
@@ -149,7 +167,57 @@ def open_job_run(client: MlflowClient, params: Params, start: JobStart, journal:
         logger.system_metrics = SystemMetrics.start(client, logger.run_id, resume=continued)
     tb_dir = (tensorboard.tensorboard_dir(tensorboard_root, client, logger.run_id)
               if params.tracking.tensorboard else None)
-    return JobRun(logger, tb_dir, already_logged)
+    return JobRun(logger, tb_dir, already_logged, reuses)
+
+
+def finished_run_to_reuse(client: MlflowClient, params: Params, start: JobStart, project_run: str | None
+                          ) -> tuple[str | None, str | None]:
+    """(the run of a finished job whose weights this execution reuses, the run that records this
+    execution if one exists already) when this execution needs a run of its own; (None, None) to
+    continue the checkpoint's run as before.
+
+    A complete checkpoint means no training: the outputs are written again from it. Its run is the
+    record of this execution only when it is the same one: same DVC experiment (or none), same params
+    in force. A new DVC experiment (`dvc exp run -S train.nproc_per_node=2`), or any param outside the
+    fingerprint changed, gets a new run: named after it, with its own params, tagged reuses_run. A
+    run that is not FINISHED was killed while closing: it is completed, as before. A run the store
+    no longer has (or has deleted) gets a new run too."""
+    if not (start.complete and start.resume_run_id) or project_run:
+        return None, None
+    trained_by = start.resume_run_id
+    try:
+        run = client.get_run(trained_by)
+        if run.info.lifecycle_stage == "active" and run.info.status != "FINISHED":
+            return None, None
+        if run.info.lifecycle_stage == "active" and _same_context(run, params):
+            return None, None
+        # A run that recorded this same execution before (`dvc exp run -f` of the experiment): continued.
+        earlier = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"],
+                                     filter_string=f"tags.reuses_run = '{trained_by}' and attributes.status = 'FINISHED'")
+        return trained_by, next((r.info.run_id for r in earlier if _same_context(r, params)), None)
+    except Exception as e:
+        if is_not_found(e):
+            return trained_by, None
+        raise UserError(f"the MLflow store {tracking_uri()} did not answer for run {trained_by} "
+                        f"({short_error(e)}); nothing was changed: run again when it answers") from None
+
+
+def _same_context(run, params: Params) -> bool:
+    """Whether `run` records an execution like this one: the same DVC experiment (or none) and the same params in force."""
+    experiment, _ = record.dvc_experiment()
+    current = {k: str(v) for k, v in flatten(params).items()}
+    return (experiment == run.data.tags.get("dvc_experiment")
+            and not in_force.differing(in_force.params_in_force(run.data.params, run.data.tags), current))
+
+
+def reuse_record(rec: record.RunRecord, reuses: str, start: JobStart) -> record.RunRecord:
+    """The run record of an execution that trains nothing: its description says whose weights it has."""
+    note = (f"**No training ran in this run.** Its weights, history and checkpoints are those of run `{reuses}` "
+            f"(checkpoint `{start.checkpoint}`), which trained the same job (fingerprint `{start.fingerprint}`: "
+            "the same params that shape training, data and code) to the end; this run records this execution's "
+            f"params. To train again, move `{start.checkpoint.parent if start.checkpoint else 'the checkpoint folder'}`"
+            " away and rerun.\n\n")
+    return record.RunRecord(rec.name, {**rec.tags, MLFLOW_RUN_NOTE: note + rec.tags.get(MLFLOW_RUN_NOTE, "")})
 
 
 def _tidy_orphans(client: MlflowClient, experiment: str, workspace_key: str, start: JobStart,

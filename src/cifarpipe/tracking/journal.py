@@ -1,9 +1,9 @@
 """The journal of pending deliveries: what a stage could not deliver to the store yet.
 
-Metric values, artifact files, the model to log from the weights file, a terminal status, a run to
-mark KILLED, an evaluation: each is an item of one atomic JSON file, `mlflow_pending.json` beside
-the run-id file (outputs/), delivered by the next stage that reaches the store (train at its start
-and end, evaluate at its start). Each delivery is idempotent (metrics already in the run, a model
+Metric values, tags, artifact files, the model to log from the weights file, a terminal status, a
+run to mark KILLED, an evaluation: each is an item of one atomic JSON file, `mlflow_pending.json`
+beside the run-id file (outputs/), delivered by the next stage that reaches the store (train at its
+start and end, evaluate at its start). Each delivery is idempotent (metrics already in the run, a model
 the run already has, are skipped), so an item whose answer was lost is delivered again safely.
 Only a definite "no such run" from the store drops a run's items; any other error (a 5xx, a
 timeout) keeps them for the next delivery.
@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic
 from cifarpipe.config import UserError
 from cifarpipe.tracking import datasets, model, registry
+from cifarpipe.tracking.in_force import params_in_force
 from cifarpipe.tracking.store import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL, is_not_found, is_refusal,
                                       short_error, uri_of)
 from cifarpipe.workspace import beside_repository, experiment_name, in_temporary_copy, safe_name
@@ -57,11 +58,13 @@ def file_sha256(path: Path) -> str:
 class Journal:
     """The journal of deliveries the store has not taken yet: {"items": [...]}, rewritten atomically
     after every change, removed once empty. Each item names its run ("run_id") and its "kind":
-    metrics, artifact, model, status, abandon or evaluation (see deliver)."""
+    metrics, tags, artifact, model, status, abandon or evaluation (see deliver)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.errors: dict[str, str] = {}  # run id -> the error that stopped its last delivery
+        # What the last delivery dropped for good: (item, why). A caller must not report those as logged.
+        self.dropped: list[tuple[dict[str, Any], str]] = []
         try:
             self.items: list[dict[str, Any]] = json.loads(self.path.read_text())["items"]
         except FileNotFoundError:
@@ -91,6 +94,9 @@ class Journal:
         # The hash pins the file's content: a later job may overwrite the file before the store is back.
         self.add({"run_id": run_id, "kind": "artifact", "path": str(path), "artifact_path": artifact_path,
                   "sha256": file_sha256(path)})
+
+    def add_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.add({"run_id": run_id, "kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def add_model(self, run_id: str, weights: Path, input_example: np.ndarray) -> None:
         """The MLflow model to log from `weights`, with `input_example`: uint8 images (N, 32, 32, 3)."""
@@ -128,7 +134,7 @@ def deliver(client: MlflowClient, journal: Journal, runs: set[str] | None = None
     "no such run" drops the run's items; a refusal (4xx) or a file changed since drops the item;
     anything else (an outage) keeps it for the next delivery. Every step is idempotent.
     """
-    journal.errors = {}
+    journal.errors, journal.dropped = {}, []
     store, dropped = uri_of(client), set()
     for item in list(journal.items):
         run_id = item["run_id"]
@@ -139,10 +145,13 @@ def deliver(client: MlflowClient, journal: Journal, runs: set[str] | None = None
         except Exception as e:
             if is_not_found(e):
                 dropped.add(run_id)
+                gone = [it for it in journal.items if it["run_id"] == run_id]
+                journal.dropped += [(it, f"run {run_id} is not in {store}") for it in gone]
                 print(f"warning: MLflow run {run_id} is not in {store} any more; dropping what was pending "
-                      f"for it ({item['kind']} ...)", file=sys.stderr)
+                      f"for it ({', '.join(it['kind'] for it in gone)})", file=sys.stderr)
                 journal.remove(lambda it: it["run_id"] == run_id)
             elif isinstance(e, Undeliverable) or is_refusal(e):
+                journal.dropped.append((item, short_error(e)))
                 print(f"warning: not delivered to MLflow run {run_id}, dropped: {item['kind']} "
                       f"{item.get('path') or item.get('weights') or ''} ({short_error(e)})", file=sys.stderr)
                 journal.remove(lambda it: it is item)
@@ -161,6 +170,8 @@ def _deliver_one(client: MlflowClient, item: dict[str, Any]) -> None:
     if kind == "metrics":
         _log_metrics_once(client, run_id, [Metric(m["key"], m["value"], m["timestamp"], m["step"])
                                            for m in item["metrics"]])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in item["tags"].items()])
     elif kind == "artifact":
         _check_unchanged(item)
         client.log_artifact(run_id, item["path"], item["artifact_path"])
@@ -181,6 +192,15 @@ def _deliver_one(client: MlflowClient, item: dict[str, Any]) -> None:
 def _example(item: dict[str, Any]) -> np.ndarray:
     """The model item's input example: uint8 images (N, 32, 32, 3), stored as base64 bytes."""
     return np.frombuffer(base64.b64decode(item["example"]), dtype=np.uint8).reshape(item["shape"]).copy()
+
+
+def is_deleted(client: MlflowClient, run_id: str) -> bool:
+    """Whether the store holds `run_id` as deleted (in the UI's bin; `mlflow runs restore` brings it
+    back). False when it is active, missing or the store does not answer: delivery tells those apart."""
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "deleted"
+    except Exception:
+        return False
 
 
 def abandon(client: MlflowClient, run_id: str, why: str) -> None:
@@ -212,15 +232,18 @@ def evaluation_params_key(params: dict[str, str]) -> str:
 
 
 def _deliver_evaluation(client: MlflowClient, item: dict[str, Any]) -> None:
-    """Test metrics and evaluation artifacts into the training run if it was logged with the same
-    `evaluate.*` params; else into a run of its own, nested under the training run
+    """Test metrics and evaluation artifacts into the training run if its `evaluate.*` params in force
+    are the same; else into a run of its own, nested under the training run
     (mlflow.parentRunId) with every current param, so no run's params contradict its metrics."""
     for art in item["artifacts"]:
         _check_unchanged(art)
     train_id, params = item["run_id"], item["params"]
     run = client.get_run(train_id)
     current = {k: v for k, v in params.items() if k.startswith("evaluate.")}
-    logged = {k: v for k, v in run.data.params.items() if k.startswith("evaluate.")}
+    # The training run's values in force: a job resumed with evaluate.batch_size changed (after an
+    # out-of-memory error in validation) validated its last epochs with the new value; its run's
+    # params keep the first (see tracking.in_force), and its evaluation belongs in it.
+    logged = {k: v for k, v in params_in_force(run.data.params, run.data.tags).items() if k.startswith("evaluate.")}
     target = train_id
     if logged and logged != current:
         key = evaluation_params_key(params)
@@ -247,6 +270,9 @@ def _deliver_evaluation(client: MlflowClient, item: dict[str, Any]) -> None:
     model_name = params.get("tracking.registered_model", "")
     model_uri = model.logged_model_uri(client, train_id) if model_name and target == train_id else None
     if model_uri:  # a version's test accuracy is its own training run's evaluation, never another's
-        registry.register_model_version(client, model_name, train_id, model_uri)  # once per run; here if train's was pending
-        registry.tag_model_versions(client, model_name, train_id, {"test_accuracy": round(item["metrics"]["test_accuracy"], 4)})
+        # strict: a failure keeps the item pending (or, refused, reports it dropped), never "logged"
+        registry.register_model_version(client, model_name, train_id, model_uri, strict=True)  # once per run
+        item["versions"] = registry.tag_model_versions(
+            client, model_name, train_id, {"test_accuracy": round(item["metrics"]["test_accuracy"], 4)}, strict=True)
     client.set_terminated(target, "FINISHED")
+    item["delivered_to"] = target  # what the evaluate stage reports

@@ -53,6 +53,7 @@ def log_model(run_id: str, weights: Path, input_example: np.ndarray) -> str:
                                            artifacts={pyfunc.WEIGHTS_ARTIFACT: str(weights)},
                                            model_config={"device": "cpu"},  # a loader may override it
                                            code_paths=[str(package)], signature=signature, input_example=example,
+                                           metadata={"input": pyfunc.INPUT},  # the signature has no input schema
                                            pip_requirements=[f"{n}=={v}" for n, v in versions.items()])
     return info.model_uri
 

@@ -9,11 +9,20 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-def register_model_version(client: MlflowClient, name: str, run_id: str, model_uri: str) -> str | None:
+def run_versions(client: MlflowClient, name: str, run_id: str) -> list:
+    """The versions of registered model `name` made from run `run_id`. The filter holds the run id
+    only (32 hex digits) and the name is compared here: MLflow allows names with quotes ("Bob's
+    model"), which inside a filter string broke its syntax and every registration with it."""
+    return [mv for mv in client.search_model_versions(f"run_id = '{run_id}'") if mv.name == name]
+
+
+def register_model_version(client: MlflowClient, name: str, run_id: str, model_uri: str, strict: bool = False
+                           ) -> str | None:
     """Register the run's logged model as a version of `name` (created if new); once per run: a
-    second call returns the run's existing version. Returns the version, None if it failed."""
+    second call returns the run's existing version. Returns the version, None if it failed (with a
+    warning; `strict`: the error is raised instead)."""
     try:
-        for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        for mv in run_versions(client, name, run_id):
             return mv.version
         try:
             client.create_registered_model(name)
@@ -30,20 +39,26 @@ def register_model_version(client: MlflowClient, name: str, run_id: str, model_u
                 linked + [{"name": mv.name, "version": mv.version}])})
         return mv.version
     except Exception as e:
+        if strict:
+            raise
         print(f"warning: could not register the model as a version of {name!r} ({type(e).__name__}: {e})",
               file=sys.stderr)
         return None
 
 
-def tag_model_versions(client: MlflowClient, name: str, run_id: str, tags: dict[str, Any]) -> list[str]:
-    """Tag the versions of `name` registered from `run_id` (evaluate's test accuracy); the versions tagged."""
+def tag_model_versions(client: MlflowClient, name: str, run_id: str, tags: dict[str, Any], strict: bool = False
+                       ) -> list[str]:
+    """Tag the versions of `name` registered from `run_id` (evaluate's test accuracy); the versions
+    tagged (with a warning if it failed; `strict`: the error is raised instead)."""
     try:
-        versions = [mv.version for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")]
+        versions = [mv.version for mv in run_versions(client, name, run_id)]
         for version in versions:
             for key, value in tags.items():
                 client.set_model_version_tag(name, version, key, str(value))
         return versions
     except Exception as e:
+        if strict:
+            raise
         print(f"warning: could not tag the registered model {name!r} ({type(e).__name__}: {e})", file=sys.stderr)
         return []
 

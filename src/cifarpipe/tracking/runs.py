@@ -8,6 +8,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cifarpipe.config import UserError
+from cifarpipe.tracking.in_force import params_in_force
 from cifarpipe.tracking.store import fail_fast_http, is_not_found, require_store_file, tracking_uri
 
 
@@ -24,6 +25,12 @@ class StoredRun:
     name: str = ""
     start_ms: int | None = None
     end_ms: int | None = None
+
+    @property
+    def params_in_force(self) -> dict[str, str]:
+        """The params the run's job ran with last: its params, with the changes recorded when it was
+        continued with other values (see tracking.in_force)."""
+        return params_in_force(self.params, self.tags)
 
 
 def _stored(client: MlflowClient, r, histories: Sequence[str], experiment: str = "") -> StoredRun:

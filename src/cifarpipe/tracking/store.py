@@ -3,8 +3,9 @@
 The store is whatever MLflow resolves (MLFLOW_TRACKING_URI, else MLflow 3's default
 `sqlite:///mlflow.db` in the working directory, which `mlflow ui` started in the repository root
 shows with no arguments), with one exception: a stage that DVC runs in a temporary copy of the
-repository (`dvc exp run --queue` / `--temp`) uses the original repository's ./mlflow.db and
-./mlruns/, never the copy's (see store_root).
+repository (`dvc exp run --queue` / `--temp`) takes a local store given by a relative path (the
+default, or e.g. MLFLOW_TRACKING_URI=sqlite:///mlflow.db) in the original repository, never in
+the copy, which DVC deletes with everything in it (see store_root and tracking_uri).
 
 Only a definite "no such run" from the store (is_not_found) means a run is gone; any other error
 (a 5xx, a timeout) is an outage, never a reason to start a new run.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import mlflow
@@ -37,29 +39,53 @@ def store_root() -> Path:
 
 def tracking_uri() -> str:
     """The store: the user's (MLFLOW_TRACKING_URI, mlflow.set_tracking_uri) if set, else MLflow's
-    default, `sqlite:///mlflow.db`, taken in store_root() instead of the working directory."""
+    default, `sqlite:///mlflow.db`. A local store given by a relative path (MLflow's default, or a
+    user's `sqlite:///mlflow.db`, `file:./mlruns`, `./mlruns`) is taken in store_root() instead of
+    the working directory: in DVC's temporary copy it would be deleted with the copy, and the stage
+    would still report the run as logged."""
     global _REBASED_URI
     from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
     uri = mlflow.get_tracking_uri()
-    if is_tracking_uri_set() or not uri.startswith("sqlite:///"):
-        return uri
     root = store_root()
     if root == Path.cwd().resolve():
         return uri
+    if is_tracking_uri_set():
+        rebased = rebase_relative_uri(uri, root)
+    else:  # MLflow's default, already made absolute in the working directory (MLflow 3.17)
+        rebased = f"sqlite:///{root / 'mlflow.db'}" if uri.startswith("sqlite:///") else None
+    if rebased is None:
+        return uri
+    if _REBASED_URI != rebased:
+        print(f"note: MLflow store {rebased} (the repository's; the stage runs in DVC's temporary copy "
+              f"{Path.cwd()}, where {uri} would be deleted with the copy)", file=sys.stderr)
     # Exported, not only returned: MLflow's fluent API (the model logging's start_run) and any
     # process MLflow starts resolve the store themselves and must reach the same one.
-    _REBASED_URI = f"sqlite:///{root / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = _REBASED_URI
-    return _REBASED_URI
+    _REBASED_URI = rebased
+    os.environ["MLFLOW_TRACKING_URI"] = rebased
+    return rebased
+
+
+def rebase_relative_uri(uri: str, root: Path) -> str | None:
+    """`uri` with its relative local path taken in `root`, or None when it names no relative
+    local path (an absolute path, a server, another database)."""
+    if uri.startswith("sqlite:///"):
+        path, sep, query = uri[len("sqlite:///"):].partition("?")
+        return None if path.startswith("/") or not path else f"sqlite:///{root / path}{sep}{query}"
+    if uri.startswith("file:"):
+        path = uri[len("file:"):]
+        return None if path.startswith("/") else (root / path).resolve().as_uri()
+    if "://" in uri or uri.startswith(("databricks", "uc:")) or Path(uri).is_absolute():
+        return None
+    return str((root / uri).resolve())
 
 
 def _artifact_location(client: MlflowClient, experiment: str) -> str | None:
     """Where a new experiment keeps its artifacts: MLflow's default (./mlruns/<id> of the working
     directory, resolved when the store is opened) except in a DVC temp copy, whose ./mlruns goes
     with it: there <repo>/mlruns/<experiment name>, beside the default experiments' folders."""
-    if _REBASED_URI is None or uri_of(client) != _REBASED_URI:
-        return None
+    if _REBASED_URI is None or uri_of(client) != _REBASED_URI or not _REBASED_URI.startswith("sqlite:"):
+        return None  # a file store (./mlruns) keeps its artifacts inside itself: already in the repository
     return (store_root() / "mlruns" / safe_name(experiment, "experiment")).as_uri()
 
 

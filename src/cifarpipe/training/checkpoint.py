@@ -6,9 +6,11 @@ Keys (the course's first): epoch, model_state_dict, optimizer_state_dict, schedu
 then step (optimizer steps into the unfinished epoch, 0 at an epoch boundary), epoch_progress
 (that epoch's running sums), epoch_seconds_so_far, history (one dict of metrics per finished
 epoch), best_val_accuracy, rng (torch CPU and CUDA generator states), data_rng_seed,
-mlflow_run_id, fingerprint, complete (True once the last epoch is done and the final outputs are
-about to be written), model_name, schedule_step (optimizer steps of the whole training so far: where
-the per-step rates and Lookahead continue) and lookahead_state_dict (its slow weights; {} without).
+mlflow_run_id, fingerprint, complete (True once training is done and the final outputs are about
+to be written), epochs_without_improvement, early_stopping_best and stopped_early (early
+stopping's counter), model_name, schedule_step (optimizer steps of the whole training so far:
+where the per-step rates and Lookahead continue) and lookahead_state_dict (its slow weights; {}
+without).
 airnet's whitening filters are weights of the model, in model_state_dict; the per-step rate tensors
 are in optimizer_state_dict's groups and re-linked to the rate table on restore.
 
@@ -85,7 +87,10 @@ def build(state: TrainState, setup: TrainingSetup, device: torch.device, *, seed
             # Data order and augmentation of epoch e are drawn from a generator seeded with
             # batches.epoch_seed(train.seed, e): this seed regenerates the whole stream of any epoch.
             "data_rng_seed": seed,
-            "mlflow_run_id": run_id, "fingerprint": fingerprint, "complete": complete, "model_name": model_name,
+            "mlflow_run_id": run_id, "fingerprint": fingerprint, "complete": complete,
+            "epochs_without_improvement": state.epochs_without_improvement,
+            "early_stopping_best": state.early_stopping_best, "stopped_early": state.stopped_early,
+            "model_name": model_name,
             "schedule_step": setup.step.global_step if setup.step else 0,
             "lookahead_state_dict": setup.step.lookahead.state_dict() if setup.step and setup.step.lookahead else {}}
 
@@ -111,7 +116,9 @@ def restore(ckpt: dict[str, Any], setup: TrainingSetup, device: torch.device, *,
             setup.step.lookahead.load_state_dict(ckpt["lookahead_state_dict"])
     return TrainState(epoch=ckpt["epoch"], progress=progress, history=ckpt["history"],
                       seconds=ckpt["epoch_seconds_so_far"] if progress.step else 0.0,
-                      best_val_accuracy=ckpt["best_val_accuracy"])
+                      best_val_accuracy=ckpt["best_val_accuracy"],
+                      epochs_without_improvement=ckpt["epochs_without_improvement"],
+                      early_stopping_best=ckpt["early_stopping_best"], stopped_early=ckpt["stopped_early"])
 
 
 def save(path: Path, checkpoint: dict[str, Any]) -> None:
@@ -203,7 +210,8 @@ def is_claimed(job_dir: Path) -> bool:
 
 # What every checkpoint of the train stage holds; a file without them is no resume point.
 _RESUME_KEYS = ("epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "step", "epoch_progress",
-                "history", "best_val_accuracy", "rng", "mlflow_run_id", "complete")
+                "history", "best_val_accuracy", "rng", "mlflow_run_id", "complete",
+                "epochs_without_improvement", "early_stopping_best", "stopped_early")
 
 
 def resume_point(job_dir: Path) -> tuple[dict[str, Any] | None, Path | None, list[str]]:
@@ -238,8 +246,34 @@ def resume_point(job_dir: Path) -> tuple[dict[str, Any] | None, Path | None, lis
     return None, None, notes
 
 
-def weights_file(model: torch.nn.Module, params: Params, mean: list[float], std: list[float],
-                 classes: list[str]) -> dict[str, Any]:
-    """The final-weights output: enough to rebuild and run the model without the checkpoint."""
-    return {"model": params.model.model_dump(), "state_dict": model.state_dict(),
-            "mean": mean, "std": std, "classes": classes}
+def chosen_weights(choice: str, state: TrainState, model: torch.nn.Module, job_dir: Path
+                   ) -> tuple[dict[str, torch.Tensor], int]:
+    """The one place that picks the weights of evaluate.weights: their state dict (on the CPU, in
+    the standard layout) and epoch. last: `model` as training left it. best: the first epoch of the
+    highest validation accuracy, the one best.pt holds (it is written on a strict improvement
+    only); `model` itself when that is the last epoch. Validation decides, never the test set."""
+    epoch = state.epoch
+    if choice == "best":
+        epoch = int(max(state.history, key=lambda row: row["val_accuracy"])["epoch"])
+    source = model.state_dict()
+    if epoch != state.epoch:
+        path = job_dir / "best.pt"
+        try:
+            best = load(path)
+        except FileNotFoundError:
+            best = {}
+        if best.get("epoch") != epoch:
+            held = f"holds epoch {best['epoch']}" if best else "is missing"
+            raise UserError(f"{path} {held}, not epoch {epoch}, the one of the best validation accuracy: those "
+                            "weights are lost. evaluate.weights: last takes the last epoch's; deleting "
+                            f"{job_dir} trains the job again")
+        source = best["model_state_dict"]
+    return {k: v.detach().to("cpu").contiguous() for k, v in source.items()}, epoch
+
+
+def weights_file(state_dict: dict[str, torch.Tensor], params: Params, mean: list[float], std: list[float],
+                 classes: list[str], epoch: int) -> dict[str, Any]:
+    """The final-weights output: enough to rebuild and run the model without the checkpoint, and
+    which weights they are (evaluate.weights, the epoch)."""
+    return {"model": params.model.model_dump(), "state_dict": state_dict, "mean": mean, "std": std,
+            "classes": classes, "weights": params.evaluate.weights, "epoch": epoch}

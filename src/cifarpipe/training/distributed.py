@@ -119,19 +119,30 @@ def start(device_type: str) -> Group:
     return group
 
 
+_LAUNCHER_PID = "CIFARPIPE_TORCHRUN_PID"  # set by launch(): the pid of the process that runs torchrun
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this worker when torchrun dies.
 
     torchrun starts each worker in a session of its own, so a `kill -9` of torchrun (or of the
     `dvc repro` above it) would leave the workers training on as orphans, still writing checkpoints,
     beside the next `dvc repro`'s job. With this they go down together, like one process.
+
+    If torchrun died before prctl took effect, this worker has been re-parented already: its parent
+    is no longer torchrun's pid (the one launch() exported, else the parent before the call). A
+    parent that *is* PID 1 proves nothing: torchrun, or the stage running it, is PID 1 in a container
+    whose entrypoint it is (or under `unshare -fp`).
     """
     if not sys.platform.startswith("linux"):
         return
+    launcher = os.environ.get(_LAUNCHER_PID)
+    parent = int(launcher) if launcher and launcher.isdigit() else os.getppid()
     PR_SET_PDEATHSIG = 1
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # torchrun died before the call above took effect
+    if os.getppid() != parent:  # torchrun died before the call above took effect
+        print(f"error: torchrun (pid {parent}) is gone; this worker stops (exit 137)", file=sys.stderr, flush=True)
         os._exit(137)
 
 
@@ -154,6 +165,8 @@ def launch(nproc_per_node: int, script: str, argv: list[str], device_type: str) 
         # torchrun would set 1 thread per process; the CPU's cores shared out instead, so that
         # N processes use the machine as one process does.
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+    # torchrun runs in this process: the workers' parent, which _die_with_parent compares with.
+    os.environ[_LAUNCHER_PID] = str(os.getpid())
     # torchrun's own log: its warnings (each closing signal it sends) out, its errors kept.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     try:

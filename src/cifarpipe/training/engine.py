@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cifarpipe.config import ModelParams, TrainParams, UserError
+from cifarpipe.config import EarlyStoppingParams, ModelParams, TrainParams, UserError
 from cifarpipe.training.distributed import Group
 from cifarpipe.training.lookahead import Lookahead
 from cifarpipe.training.models import build_model
@@ -252,6 +252,11 @@ class TrainState:
     seconds: float = 0.0  # training time the unfinished epoch took before an interruption
     history: list[dict[str, float]] = field(default_factory=list)  # one row of metrics per finished epoch
     best_val_accuracy: float = -1.0
+    # Early stopping's counter: epochs in a row since the last one that improved by more than
+    # min_delta on the best of those improving epochs; True once it reached the patience.
+    epochs_without_improvement: int = 0
+    early_stopping_best: float = -1.0
+    stopped_early: bool = False
 
 
 class LoopHooks:
@@ -277,7 +282,8 @@ class LoopHooks:
 
     def epoch_finished(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
         """Epoch row["epoch"] (1-based) is validated and the scheduler stepped; `state` is that epoch
-        boundary and `improved` says whether it has the best validation accuracy so far."""
+        boundary (with state.stopped_early if early stopping ends training here) and `improved`
+        says whether it has the best validation accuracy so far."""
 
 
 # Under DDP the processes agree on stopping with a collective call, every this many steps: one
@@ -285,16 +291,32 @@ class LoopHooks:
 _STOP_CHECK_STEPS = 10
 
 
+def count_for_early_stopping(state: TrainState, val_accuracy: float, rule: EarlyStoppingParams | None) -> None:
+    """Lightning's EarlyStopping on validation accuracy (mode max): an epoch that beats the best
+    improving epoch by more than rule.min_delta resets the counter, any other adds one; at
+    rule.patience, state.stopped_early. rule None or patience 0: off, nothing counted."""
+    if not rule or not rule.patience:
+        return
+    if val_accuracy > state.early_stopping_best + rule.min_delta:
+        state.early_stopping_best, state.epochs_without_improvement = val_accuracy, 0
+    else:
+        state.epochs_without_improvement += 1
+    state.stopped_early = state.epochs_without_improvement >= rule.patience
+
+
 def fit(setup: TrainingSetup, state: TrainState, epochs: int, train_batches: Callable[[int, int], Batches],
         val_batches: Callable[[], Batches], steps_per_epoch: int, hooks: LoopHooks, *, group: Group = Group(),
-        log_every: int = 0, log: Callable[[str], None] = print) -> bool:
-    """Train from `state` to `epochs` epochs: per epoch train_one_epoch, validate, step the scheduler.
+        log_every: int = 0, log: Callable[[str], None] = print, early_stopping: EarlyStoppingParams | None = None
+        ) -> bool:
+    """Train from `state` to `epochs` epochs, or until `early_stopping` ends it (its counter is part
+    of `state`, so a resumed training stops where an uninterrupted one would): per epoch
+    train_one_epoch, validate, step the scheduler.
 
     `train_batches(epoch, start_step)` gives this process's batches of an epoch from a step on;
     `val_batches()` this process's validation batches. Under DDP the sums of every process are
     added up, so every rank sees the metrics of the whole batch. Returns True when all epochs are
-    done, False when `hooks.stop_requested()` stopped it (after hooks.stopped_in_epoch inside an
-    epoch, or at an epoch boundary). `state` is updated in place.
+    done or early stopping ended training, False when `hooks.stop_requested()` stopped it (after
+    hooks.stopped_in_epoch inside an epoch, or at an epoch boundary). `state` is updated in place.
     """
     device = next(setup.model.parameters()).device
     steps_seen = 0
@@ -306,6 +328,8 @@ def fit(setup: TrainingSetup, state: TrainState, epochs: int, train_batches: Cal
             return hooks.stop_requested(True)
         return steps_seen % _STOP_CHECK_STEPS == 0 and group.any(hooks.stop_requested(True), device)
 
+    if state.stopped_early:  # early stopping ended this training: it is finished
+        return True
     for epoch in range(state.epoch, epochs):
         setup.scheduler.start_epoch(epoch)  # the warm-up's rate; a function of the epoch, so exact on resume
         hooks.epoch_started(epoch, state)
@@ -341,7 +365,10 @@ def fit(setup: TrainingSetup, state: TrainState, epochs: int, train_batches: Cal
         state.history.append(row)
         state.epoch, state.progress, state.seconds = epoch + 1, EpochProgress(), 0.0
         state.best_val_accuracy = max(state.best_val_accuracy, val.accuracy)
+        count_for_early_stopping(state, val.accuracy, early_stopping)  # the same sums on every rank: the same answer
         hooks.epoch_finished(state, row, improved)
         if group.any(hooks.stop_requested(False), device):
             return False
+        if state.stopped_early:
+            break
     return True
