@@ -112,3 +112,24 @@ def test_gc_removes_only_what_no_job_run_or_commit_needs(project):
     subprocess.run(args, cwd=project, env={**os.environ, key: value, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
                    check=True, capture_output=True)
     assert not (low_dir / "artifacts").exists()  # the soft-deleted checkpoint model's files, gone for good
+
+
+def test_gc_keeps_a_job_that_only_a_run_reusing_its_weights_needs(project):
+    """`dvc exp run -S evaluate.weights=last` on a finished job trains nothing and records itself in
+    a run of its own (tag reuses_run); the commit of that state names that run, not the job's."""
+    run(["dvc", "repro"], project)
+    trained = (project / "outputs/run_id.txt").read_text().strip()
+    run(["dvc", "exp", "run", "-n", "last", "-S", "evaluate.weights=last"], project)
+    reusing = (project / "outputs/run_id.txt").read_text().strip()
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert reusing != trained and client.get_run(reusing).data.tags["reuses_run"] == trained
+    git_commit(project, "weights last")
+    md5 = next(o["md5"] for o in yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]["outs"]
+               if o["path"] == "outputs/model.pt")
+    (project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).unlink()  # only the checkpoint rebuilds it
+    (project / "outputs/model.pt").unlink()
+    folder = folder_of(project, trained)
+    out = run(GC + ["--delete"], project).stdout
+    [line] = [line for line in out.splitlines() if folder.name in line]
+    assert "keep:" in line and "needs it: its model is not in the DVC cache" in line, out
+    assert (folder / "last.pt").is_file()

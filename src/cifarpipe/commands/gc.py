@@ -11,8 +11,9 @@ docs/10-tools.md):
   3. the job's MLflow run is not RUNNING (a RUNNING run with a complete checkpoint is a training
      being completed: the next `dvc repro` finishes it from the folder);
   4. no git commit or DVC experiment needs it: one whose outputs/run_id.txt names the job's run
-     and whose trained model (dvc.lock's outputs/model.pt) is not in the DVC cache, so that
-     `dvc repro` there would have to rebuild the outputs from the checkpoint, or retrain.
+     (or a run that reuses its weights: tag reuses_run) and whose trained model (dvc.lock's
+     outputs/model.pt) is not in the DVC cache, so that `dvc repro` there would have to rebuild
+     the outputs from the checkpoint, or retrain.
 Then last.pt, best.pt and job.lock are removed, and the folder if nothing else is in it (a
 checkpoint set aside as unreadable, or any file of yours, stays). In the MLflow store the
 `checkpoints/last.pt` artifact of every FINISHED run goes (tracking.cleanup); the model and
@@ -190,6 +191,11 @@ def plan(repo: Path, checkpoint_dir: Path, run_id_file: str, weights: str, clien
 
     folders = scan(checkpoint_dir)
     needed = needed_runs(repo, run_id_file, weights, dvc_cache(repo))
+    if client is not None:  # a commit's run may only reuse the weights of the run that trained the job
+        by_job: dict[str, list[str]] = {}
+        for run_id, users in needed.items():
+            by_job.setdefault(cleanup.trained_by(client, run_id), []).extend(users)
+        needed = by_job
     result = Plan(folders)
     for folder in folders:
         status = None

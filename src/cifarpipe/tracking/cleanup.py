@@ -43,6 +43,18 @@ def run_status(client: MlflowClient, run_id: str) -> str | None:
     return "DELETED" if run.info.lifecycle_stage != "active" else run.info.status
 
 
+def trained_by(client: MlflowClient, run_id: str) -> str:
+    """The run whose training produced `run_id`'s weights: the one its tag reuses_run names (a
+    finished job executed again with other params outside its fingerprint records that execution in
+    a run of its own, tracking.job), else `run_id` itself, also when the store has no such run."""
+    try:
+        return client.get_run(run_id).data.tags.get("reuses_run") or run_id
+    except Exception as e:
+        if is_not_found(e):
+            return run_id
+        raise
+
+
 def _experiment_ids(client: MlflowClient, view: int = ViewType.ACTIVE_ONLY) -> list[str]:
     return [e.experiment_id for e in client.search_experiments(view_type=view)]
 
