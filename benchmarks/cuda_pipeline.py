@@ -158,9 +158,11 @@ def check_store(uri: str, runs: dict[str, str], epochs: dict[str, int]) -> dict:
     for name, run_id in runs.items():
         r = client.get_run(run_id)
         curves = {k: [m.step for m in client.get_metric_history(run_id, k)] for k in EPOCH_METRICS}
-        arts = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
         models = client.search_logged_models(experiment_ids=[r.info.experiment_id],
                                              filter_string=f"source_run_id = '{run_id}'")
+        # the epochs' checkpoint models (tracking.checkpoints) that hold the file: the best and the last
+        kept = sorted(int(m.params["epoch"]) for m in models
+                      if m.model_type == "checkpoint" and m.tags.get("checkpoint_file") == "kept")
         report[name] = {
             "run_id": run_id, "status": r.info.status, "device": r.data.tags.get("device"),
             "torch": r.data.tags.get("torch"), "cuda": r.data.tags.get("cuda"),
@@ -168,7 +170,8 @@ def check_store(uri: str, runs: dict[str, str], epochs: dict[str, int]) -> dict:
             "epochs_per_curve": {k: len(s) for k, s in curves.items()},
             "test_accuracy": r.data.metrics.get("test_accuracy"),
             "system_metrics": sorted(k for k in r.data.metrics if k.startswith("system/")),
-            "checkpoint_artifacts": arts, "logged_models": [m.model_id for m in models],
+            "checkpoint_models": sum(m.model_type == "checkpoint" for m in models), "kept_checkpoints": kept,
+            "logged_models": [m.model_id for m in models],
         }
     return report
 

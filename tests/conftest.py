@@ -137,3 +137,25 @@ def make_project(dest: Path, archive: Path, md5: str, server: Server) -> Path:
 @pytest.fixture
 def project(tmp_path: Path, tiny_archive, http_server: Server) -> Path:
     return make_project(tmp_path / "project", *tiny_archive, http_server)
+
+
+def checkpoint_models(client, run_id: str) -> dict[int, tuple[str, list[str]]]:
+    """The run's checkpoint LoggedModels (tracking.checkpoints): epoch -> (status, its files)."""
+    exp_id = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}' AND "
+                                                                  "model_type = 'checkpoint'")
+    out = {int(m.params["epoch"]): (m.status.name, sorted(a.path for a in client.list_logged_model_artifacts(m.model_id)))
+           for m in models}
+    assert len(out) == len(models), "one checkpoint model per epoch"
+    return out
+
+
+def kept_checkpoints(client, run_id: str) -> list[int]:
+    """The epochs whose checkpoint models hold the file (the best's and the last's)."""
+    return sorted(e for e, (_, files) in checkpoint_models(client, run_id).items() if files == ["checkpoint.pt"])
+
+
+def pyfunc_models(client, experiment_id: str) -> list:
+    """The experiment's LoggedModels other than the epochs' checkpoints: the runs' MLflow models.
+    (Filtered here: a search's `model_type != 'checkpoint'` also drops models without a type.)"""
+    return [m for m in client.search_logged_models([experiment_id]) if m.model_type != "checkpoint"]

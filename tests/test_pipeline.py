@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import git_commit, run, set_params
+from conftest import checkpoint_models, git_commit, kept_checkpoints, run, set_params
 from cifarpipe.tracking.run import EPOCH_METRICS
 
 
@@ -41,8 +41,10 @@ def assert_complete_run(project, run, epochs: int):
     tags = run.data.tags
     assert tags["data_md5"] == params["data.md5"] and len(tags["split_hash"]) == 16
     assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git_dirty"] in ("true", "false")
-    arts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert arts == {"checkpoints/last.pt", "checkpoints/best.pt"}
+    models = checkpoint_models(client, run.info.run_id)  # one per epoch, READY; best and last keep the file
+    assert sorted(models) == list(range(1, epochs + 1)) and {s for s, _ in models.values()} == {"READY"}
+    best = json.loads((project / "outputs/train_metrics.json").read_text())["best_epoch"]
+    assert kept_checkpoints(client, run.info.run_id) == sorted({epochs, best})
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/per_class.csv", "evaluation/confusion.png", "evaluation/metrics.json"} <= evaluation
     reqs = client.download_artifacts(run.info.run_id, "environment/requirements.txt", str(project / "dl"))

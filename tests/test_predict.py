@@ -305,19 +305,23 @@ def test_an_image_with_transparency_is_classified_with_a_note_that_its_alpha_is_
 
 
 def test_predict_with_a_run_id_or_a_registered_model_gives_the_weights_files_classes(trained, store, tmp_path, capsys):
+    """The run's model, its registered version by number and by the @champion alias (the one version
+    is the champion), and the workspace's weights file: the same classes as evaluate."""
     project, run_id, images, labels, evaluated = trained
     folder = tmp_path / "pngs"
     folder.mkdir()
     for i in range(6):
         Image.fromarray(images[i]).save(folder / f"img{i}.png")
     [version] = mlflow.MlflowClient().search_model_versions(f"name = '{MODEL}'")
-    for source in (["--run", run_id], ["--model", f"models:/{MODEL}/{version.version}"], []):
+    for source in (["--run", run_id], ["--model", f"models:/{MODEL}/{version.version}"],
+                   ["--model", f"models:/{MODEL}@champion"], []):
         assert predict.main([str(folder), *source, "--csv", str(tmp_path / "out.csv")]) == 0
         out = pd.read_csv(tmp_path / "out.csv")
         assert out["file"].tolist() == [str(folder / f"img{i}.png") for i in range(6)]
         assert out["class"].tolist() == evaluated[:6].tolist(), source
     printed = capsys.readouterr()
     assert f"MLflow model runs:/{run_id}/model" in printed.out and f"models:/{MODEL}/" in printed.out
+    assert f"MLflow model models:/{MODEL}@champion" in printed.out
     assert "weights file outputs/model.pt" in printed.out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import git_commit, run
+from conftest import checkpoint_models, git_commit, kept_checkpoints, pyfunc_models, run
 from cifarpipe.tracking import store
 from cifarpipe.tracking.run import EPOCH_METRICS
 
@@ -57,10 +57,9 @@ def test_a_queued_sweep_with_two_workers_puts_every_run_into_the_repositorys_sto
         assert len(client.get_metric_history(run_id, "test_accuracy")) == 1  # evaluate ran too
         # The artifacts outlive the temporary copy: in the repository's mlruns/, readable now.
         assert ".dvc/tmp" not in r.info.artifact_uri and r.info.artifact_uri.startswith((project / "mlruns").as_uri())
-        assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/last.pt",
-                                                                                  "checkpoints/best.pt"}
+        assert sorted(checkpoint_models(client, run_id)) == [1, 2] and 2 in kept_checkpoints(client, run_id)
         assert Path(client.download_artifacts(run_id, "history.csv", str(project / "dl" / run_id))).read_text()
-    models = client.search_logged_models([exp.experiment_id])
+    models = pyfunc_models(client, exp.experiment_id)
     assert sorted((m.source_run_id, m.status.name) for m in models) == sorted((r.info.run_id, "READY") for r in runs)
     assert not list((project / ".dvc").rglob("mlflow.db"))
 

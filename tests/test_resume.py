@@ -10,7 +10,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import git_commit, make_project, run, serve_folder, set_params, stage_cmd
+from conftest import (checkpoint_models, git_commit, kept_checkpoints, make_project, run, serve_folder, set_params,
+                      stage_cmd)
 from cifarpipe.tracking.run import EPOCH_METRICS
 
 EPOCHS = 3
@@ -91,8 +92,14 @@ def assert_same_as_uninterrupted(project: Path, done: Path) -> None:
             assert history == expected, key
     for key in ("test_accuracy", "test_loss"):
         assert r.data.metrics[key] == done_runs[0].data.metrics[key], key
-    model_artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "checkpoints")}
-    assert model_artifacts == {"checkpoints/last.pt", "checkpoints/best.pt"}
+    # One checkpoint model per epoch, never two for one step however often the job was killed and
+    # resumed; the best and the last epochs' keep the file, as in the uninterrupted run.
+    models = checkpoint_models(client, r.info.run_id)
+    assert sorted(models) == list(range(1, EPOCHS + 1)) and {s for s, _ in models.values()} == {"READY"}
+    assert kept_checkpoints(client, r.info.run_id) == kept_checkpoints(done_client, done_runs[0].info.run_id)
+    ids = {m.model_id for m in client.search_logged_models([r.info.experiment_id], filter_string="model_type = 'checkpoint'")}
+    outputs = client.get_run(r.info.run_id).outputs.model_outputs
+    assert sorted(o.step for o in outputs if o.model_id in ids) == list(range(1, EPOCHS + 1))  # each linked once
     assert strays(project) == []
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, run, set_params, stage_cmd
+from conftest import BIN, checkpoint_models, kept_checkpoints, pyfunc_models, run, set_params, stage_cmd
 from cifarpipe.tracking.journal import JOURNAL_NAME as PENDING_NAME
 from cifarpipe.tracking.run import EPOCH_METRICS
 
@@ -119,8 +119,8 @@ def test_training_survives_a_store_outage_and_every_epoch_lands(project, mlflow_
     assert r.info.status == "FINISHED"
     for key in EPOCH_METRICS:
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
-    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/last.pt",
-                                                                              "checkpoints/best.pt"}
+    assert sorted(checkpoint_models(client, run_id)) == [1, 2, 3]  # epoch 2's model too, made once the store answered
+    assert 3 in kept_checkpoints(client, run_id)
     assert not (project / "outputs" / PENDING_NAME).exists()
 
 
@@ -226,8 +226,12 @@ def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project,
     assert len(errors) == 1 and "unreachable" in errors[0] and "pending in" in errors[0] and "dvc repro" in errors[0]
     items = json.loads(pending.read_text())["items"]
     kinds = [(it["kind"], Path(it.get("path") or it.get("weights") or ".").name) for it in items]
-    assert kinds == [("artifact", "last.pt"), ("artifact", "best.pt"), ("artifact", "history.csv"),
-                     ("metrics", ""), ("tags", ""), ("model", "model.pt"), ("status", ""), ("evaluation", "")], kinds
+    assert kinds == [("checkpoints", ""), ("artifact", "history.csv"), ("metrics", ""), ("tags", ""),
+                     ("model", "model.pt"), ("status", ""), ("evaluation", "")], kinds
+    # the epochs' metrics and checkpoint models landed while training; the files for the best and
+    # last epochs' models wait, pinned like any artifact
+    files = items[0]["files"]
+    assert not items[0]["metrics"] and "last.pt" in {Path(f["path"]).name for f in files} and items[0]["keep"]
     [r] = all_runs(client)
     run_id = r.info.run_id
     assert r.info.status == "RUNNING" and "test_accuracy" not in r.data.metrics
@@ -243,11 +247,10 @@ def test_an_outage_at_the_end_of_training_and_in_evaluate_loses_nothing(project,
     assert len(client.get_metric_history(run_id, "test_loss")) == 1
     for key in EPOCH_METRICS:
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
-    arts = {a.path for a in client.list_artifacts(run_id)} | {a.path for d in ("checkpoints", "evaluation")
-                                                               for a in client.list_artifacts(run_id, d)}
-    assert {"history.csv", "checkpoints/last.pt", "checkpoints/best.pt", "evaluation/metrics.json",
-            "evaluation/per_class.csv", "evaluation/confusion.png"} <= arts
-    models = client.search_logged_models([r.info.experiment_id])
+    arts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"history.csv", "evaluation/metrics.json", "evaluation/per_class.csv", "evaluation/confusion.png"} <= arts
+    assert sorted(checkpoint_models(client, run_id)) == [1, 2] and 2 in kept_checkpoints(client, run_id)
+    models = pyfunc_models(client, r.info.experiment_id)
     assert [(m.name, m.source_run_id, m.status.name) for m in models] == [("model", run_id, "READY")]
     assert run(["dvc", "status"], project).stdout.strip().endswith("up to date.")
 

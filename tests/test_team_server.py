@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, run, stage_cmd
+from conftest import BIN, checkpoint_models, kept_checkpoints, pyfunc_models, run, stage_cmd
 from cifarpipe.tracking.run import EPOCH_METRICS
 from test_store_outage import free_port
 
@@ -155,9 +155,8 @@ def check_team_server(project: Path, server_dir: Path, url: str) -> None:
         assert len(client.get_metric_history(run_id, "test_accuracy")) == 1
         # Served artifacts: the client sends them to the server, which alone writes its folder.
         assert r.info.artifact_uri.startswith("mlflow-artifacts:/"), r.info.artifact_uri
-        assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/last.pt",
-                                                                                  "checkpoints/best.pt"}
-        [model] = client.search_logged_models([exp.experiment_id])
+        assert sorted(checkpoint_models(client, run_id)) == [1, 2] and 2 in kept_checkpoints(client, run_id)
+        [model] = pyfunc_models(client, exp.experiment_id)
         assert (model.source_run_id, model.status.name) == (run_id, "READY")
         assert model.artifact_location.startswith("mlflow-artifacts:/")
         [version] = client.search_model_versions("name = 'cifar10-classifier'")

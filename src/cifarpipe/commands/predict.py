@@ -2,7 +2,7 @@
 
     python -m cifarpipe.commands.predict cat.png dog.jpg                 # the workspace's model: outputs/model.pt
     python -m cifarpipe.commands.predict --run <run id> photos/          # the model an MLflow run logged
-    python -m cifarpipe.commands.predict --model models:/cifar10-classifier/3 *.png --csv predictions.csv
+    python -m cifarpipe.commands.predict --model models:/cifar10-classifier@champion *.png --csv predictions.csv
 
 The images go through the model's own inference path (cifarpipe.serving.inference, which the MLflow model
 wraps): normalised with the run's training mean and std. A file that can't be read is reported
@@ -113,7 +113,7 @@ def load_predictor(model: str, run: str | None) -> tuple[Callable[[np.ndarray], 
 
     if run:
         model = f"runs:/{run}/model"
-    if ":/" in model:  # an MLflow model URI: runs:/<id>/model, models:/<name>/<version>, file:/...
+    if ":/" in model:  # an MLflow URI: runs:/<id>/model, models:/<name>@<alias>, models:/<name>/<version>, file:/...
         from cifarpipe.tracking.model import load_model  # imports MLflow (seconds): only when a model comes from it
 
         pyfunc_model = load_model(model)
@@ -168,7 +168,8 @@ def parser() -> argparse.ArgumentParser:
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--model", default="outputs/model.pt",
                        help="a weights file (default: outputs/model.pt, the workspace's) or an MLflow model URI "
-                            "(runs:/<run id>/model, models:/<name>/<version>)")
+                            "(runs:/<run id>/model; models:/<name>@champion, the registry's best version; "
+                            "models:/<name>/<version>; models:/<name>/latest)")
     which.add_argument("--run", help="an MLflow run id: the model that run logged (= --model runs:/<id>/model)")
     ap.add_argument("--csv", type=Path, help="also write every file's row as CSV: file, class, probability, the "
                                              "ten class probabilities, error")

@@ -205,7 +205,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from cifarpipe.tracking.runs import read_run
-    from cifarpipe.tracking.store import connect, tracking_uri
+    from cifarpipe.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, connect, tracking_uri
 
     args = parse_args(argv)
     repo = _repo_root()
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         experiment = args.experiment or f"{original.experiment}-reproduce"
         if client.get_experiment_by_name(experiment) is None:
             # Created here, in the workspace: its artifacts go where the store's others go, not into the worktree.
-            client.create_experiment(experiment)
+            client.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         print(f"reproducing run {original.run_id} ({original.experiment}) at commit {commit[:12]}; the new run goes "
               f"to experiment {experiment!r} in {uri}", flush=True)
         new, ignore = reproduce(client, original, repo, commit, uri, experiment, args.archive, args.keep)

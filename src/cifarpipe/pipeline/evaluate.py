@@ -56,11 +56,11 @@ def main(paths: EvaluatePaths, params_path: Path) -> int:
         client_ready = pool.submit(timed, existing_store_client, phases.background, "store client")
         test_x, test_y, weights, result = evaluate_test_set(paths, params, device)
         phases.lap("load and evaluate")
-        write_reports(paths, weights, test_x, test_y, result, phases)
+        per_class = write_reports(paths, weights, test_x, test_y, result, phases)
         client = client_ready.result()
 
     # ---- MLflow: train's pending items first (same run, in order), then this evaluation
-    return log_evaluation(paths, params, result, len(test_y), journal, client, phases)
+    return log_evaluation(paths, params, result, len(test_y), journal, client, phases, per_class)
 
 
 def existing_store_client() -> MlflowClient | None:
@@ -98,8 +98,9 @@ def evaluate_test_set(paths: EvaluatePaths, params: Params, device: torch.device
 
 
 def write_reports(paths: EvaluatePaths, weights: dict, test_x: np.ndarray, test_y: np.ndarray,
-                  result: engine.EvalResult, phases: Phases) -> None:
-    """The metrics, tables and pictures, each written atomically, before any MLflow call."""
+                  result: engine.EvalResult, phases: Phases) -> list[dict]:
+    """The metrics, tables and pictures, each written atomically, before any MLflow call; returns
+    the per-class table's rows (for the model card)."""
     classes = weights["classes"]
     cm = report.confusion_matrix(test_y, result.predictions, len(classes))
     table = report.per_class_table(cm, classes)
@@ -121,18 +122,22 @@ def write_reports(paths: EvaluatePaths, weights: dict, test_x: np.ndarray, test_
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     which = f" of the {weights['weights']} weights (epoch {weights['epoch']})" if "epoch" in weights else ""
     print(f"test accuracy{which} {result.accuracy:.4f}, test loss {result.loss:.4f} -> {paths.metrics}")
+    return table.to_dict("records")
 
 
 def log_evaluation(paths: EvaluatePaths, params: Params, result: engine.EvalResult, n_test: int,
-                   journal: Journal, client: MlflowClient | None, phases: Phases) -> int:
+                   journal: Journal, client: MlflowClient | None, phases: Phases,
+                   per_class: list[dict] | None = None) -> int:
     """Deliver the evaluation into the training's MLflow run (or its nested evaluation run); the
     stage's exit status. Says "logged" only for what the store took: a store file that is gone, a
     deleted run or a dropped evaluation stops the stage (DVC then records nothing) naming where the
-    results are, and an unreachable store leaves it pending (STORE_PENDING_EXIT)."""
+    results are, and an unreachable store leaves it pending (STORE_PENDING_EXIT). `per_class`: the
+    per-class table's rows, for the model card."""
     run_id = paths.run_id.read_text().strip()
     outputs = [paths.metrics, paths.per_class, paths.confusion_png, paths.mistakes_png]
     journal.add_evaluation(run_id, flatten(params), {"test_loss": result.loss, "test_accuracy": result.accuracy,
-                                                     **phases.metrics()}, outputs, n_test=n_test)
+                                                     **phases.metrics()}, outputs, n_test=n_test,
+                           per_class=per_class)
     item = journal.items[-1]
     where = f"its results are in {', '.join(str(p) for p in outputs)}, and it waits in {journal.path}"
     uri = store.tracking_uri()

@@ -31,7 +31,7 @@ from cifarpipe.config import (Params, TrainParams, UserError, flatten, load_para
 from cifarpipe.data import archive, split
 from cifarpipe.data.batches import DeviceBatches, EpochBatches, channel_stats, dataloader_batches, whitening_images
 from cifarpipe.pipeline.phases import Phases, timed
-from cifarpipe.tracking import job, store
+from cifarpipe.tracking import checkpoints, job, store
 from cifarpipe.tracking.journal import Journal, journal_path
 from cifarpipe.training import checkpoint, distributed, engine
 from cifarpipe.training.distributed import Group
@@ -173,7 +173,8 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
             job_dir.name, data.split_hash, engine.device_name(device), resumed=bool(resume),
             resume_run_id=resume["mlflow_run_id"] if resume else None, history=state.history,
             n_train=len(data.train_y), n_val=len(data.val_y), complete=bool(resume and resume["complete"]),
-            checkpoint=resume_path), Journal(journal_path(paths.run_id)), paths.run_id, paths.tensorboard_dir)
+            checkpoint=resume_path, job_dir=job_dir), Journal(journal_path(paths.run_id)), paths.run_id,
+            paths.tensorboard_dir)
         say_what_runs(run, state, params, resume_path, steps_per_epoch, len(data.train_y), device, group)
         phases.lap("open run")
 
@@ -327,8 +328,9 @@ def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, s
         tags["stopped_early_at"] = str(state.epoch)
     # Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input
     # example, and with its output the model's signature.
-    model_uri = run.close(checkpoints=[record.last, record.best], history=state.history, history_file=paths.history,
-                          weights=paths.weights, example=data.val_x[:4].copy(),
+    model_uri = run.close(checkpoint_files=checkpoints.final_files(state.history, record.best, record.last),
+                          history=state.history, history_file=paths.history, weights=paths.weights,
+                          weights_epoch=epoch, example=data.val_x[:4].copy(),
                           registered_model=params.tracking.registered_model, tags=tags,
                           metrics={"model_val_accuracy": summary["model_val_accuracy"], **phases.metrics()})
     phases.lap("close run")
@@ -354,7 +356,7 @@ def training_summary(state: engine.TrainState, params: Params, weights_epoch: in
 
 class EpochRecord:
     """Rank 0's record of every epoch: checkpoints (best first, then last), the history file,
-    and the run's metrics and checkpoint artifacts."""
+    and the run's metrics and checkpoint models."""
 
     def __init__(self, run: job.JobRun, setup: engine.TrainingSetup, device: torch.device, params: Params,
                  job_dir: Path, history_path: Path) -> None:
@@ -372,7 +374,7 @@ class EpochRecord:
         self.save_checkpoint(state)
         faults.hit("after_checkpoint", state.epoch)
         atomic.write_text(self.history_path, pd.DataFrame(state.history).to_csv(index=False))
-        self.run.epoch_done(state.history, [self.last, self.best] if improved else [self.last])
+        self.run.epoch_done(state.history, self.last)
 
 
 class StageHooks(engine.LoopHooks):

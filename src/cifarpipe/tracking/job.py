@@ -22,11 +22,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from cifarpipe import atomic
 from cifarpipe.config import Params, UserError, flatten
-from cifarpipe.tracking import datasets, in_force, model, provenance, record, registry, tensorboard
+from cifarpipe.tracking import card, checkpoints, datasets, in_force, model, provenance, record, tensorboard
 from cifarpipe.tracking.journal import Journal, abandon, deliver
 from cifarpipe.tracking.run import EPOCH_METRICS, RunLogger
 from cifarpipe.tracking.store import create_experiment, is_not_found, short_error, tracking_uri, uri_of
 from cifarpipe.tracking.system_metrics import SystemMetrics
+from cifarpipe.training import checkpoint
 
 
 @dataclass
@@ -42,6 +43,7 @@ class JobStart:
     n_val: int = 0
     complete: bool = False  # the checkpoint is of a finished training (all epochs or stopped early; outputs written)
     checkpoint: Path | None = None  # the checkpoint file it resumes from
+    job_dir: Path | None = None  # the job's checkpoint folder (where files wait for their upload)
 
 
 @dataclass
@@ -57,28 +59,34 @@ class JobRun:
     def run_id(self) -> str:
         return self.logger.run_id
 
-    def epoch_done(self, history: list[dict[str, float]], checkpoints: list[Path]) -> None:
-        """After an epoch's checkpoint: its metrics (history[-1]) and the checkpoint files, sent in
-        the background; the TensorBoard file rewritten from the whole history (a resumed job never
-        writes an epoch twice)."""
+    def epoch_done(self, history: list[dict[str, float]], checkpoint: Path) -> None:
+        """After an epoch's checkpoint: its metrics (history[-1]) and its checkpoint model with the
+        file, sent in the background; the TensorBoard file rewritten from the whole history (a
+        resumed job never writes an epoch twice)."""
         if self.tb_dir:
             tensorboard.write_tensorboard(self.tb_dir, history)
+        self.logger.checkpoints.add_epoch(history, checkpoint)
         self.logger.queue_history(history[-1:], skip=self.already_logged)
-        for path in checkpoints:
-            self.logger.log_artifact(path, "checkpoints", background=True)
 
     def stop(self, status: str, attempts: int = 3) -> None:
         """End an unfinished job's run (KILLED after a stop request, FAILED after an error)."""
         self.logger.drain(attempts=attempts)
+        waiting = self.logger.checkpoints.discard()
+        if waiting:
+            print(f"note: MLflow did not take the checkpoint file of epoch(s) {', '.join(map(str, waiting))} "
+                  f"(run {self.run_id}); it stays on disk, and when this job finishes (`dvc repro`) its best and "
+                  "last epochs' files are uploaded", file=sys.stderr)
         self.logger.finish(status)
 
-    def close(self, *, checkpoints: list[Path], history: list[dict[str, float]], history_file: Path, weights: Path,
-              example: np.ndarray, registered_model: str, metrics: dict[str, float] | None = None,
-              tags: dict[str, str] | None = None) -> str:
-        """Deliver a finished training's record: queued metrics, the checkpoints and history as
-        artifacts, `metrics` (step 0: the stage's phase timings), `tags` (which weights, where
-        training stopped), the model (logged from the weights file), then status FINISHED, last;
-        register the model as a version of `registered_model` ("" = off).
+    def close(self, *, checkpoint_files: dict[int, Path], history: list[dict[str, float]], history_file: Path,
+              weights: Path, weights_epoch: int, example: np.ndarray, registered_model: str,
+              metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> str:
+        """Deliver a finished training's record: queued metrics and checkpoint models, the files of
+        `checkpoint_files` (epoch -> file: the best and the last epoch's) into their models (every
+        other model's file removed), the history as an artifact, `metrics` (step 0: the stage's
+        phase timings), `tags` (which weights, where training stopped), the model (logged from the
+        weights file, linked at `weights_epoch`: the epoch of those weights), then status FINISHED,
+        last; register the model as a version of `registered_model` ("" = off).
 
         Everything goes through the journal: what the store does not take stays there and is
         delivered by evaluate or the next `dvc repro`; the stage still succeeds, since its outputs
@@ -88,10 +96,10 @@ class JobRun:
         it is pending.
         """
         journal, logger = self.logger.journal, self.logger
-        logger.drain()  # queued per-epoch metrics: sent, or journaled
-        for path in checkpoints:
-            if path.exists():
-                journal.add_artifact(self.run_id, path, "checkpoints")
+        logger.drain()  # queued per-epoch metrics and checkpoint models: sent, or journaled
+        logger.checkpoints.discard()  # files still waiting: best.pt and last.pt stand in for them
+        files = {epoch: path for epoch, path in checkpoint_files.items() if path.exists()}
+        journal.add_checkpoint_files(self.run_id, files, keep=set(checkpoint_files))
         journal.add_artifact(self.run_id, history_file)
         if self.tb_dir:  # the TensorBoard event file: a `--logdir` once downloaded
             tensorboard.write_tensorboard(self.tb_dir, history)
@@ -100,7 +108,7 @@ class JobRun:
             journal.add_metrics(self.run_id, metrics)
         if tags:
             journal.add_tags(self.run_id, tags)
-        journal.add_model(self.run_id, weights, example)
+        journal.add_model(self.run_id, weights, example, step=weights_epoch)
         logger.finish("FINISHED")  # journals the status after the rest and delivers this run's items
         left = [it for it in journal.items if it["run_id"] == self.run_id]
         if left:
@@ -113,8 +121,8 @@ class JobRun:
             uri = model.logged_model_uri(logger.client, self.run_id) or "not logged"
         except Exception:  # delivered a moment ago; only this look-up failed
             uri = f"runs:/{self.run_id}/model"
-        if registered_model and uri.startswith(("models:/", "runs:/")):
-            registry.register_model_version(logger.client, registered_model, self.run_id, uri)
+        if uri.startswith(("models:/", "runs:/")):  # the card from the record; the version, its alias
+            card.publish(logger.client, self.run_id, uri, registered_model, checkpoint.load(weights)["classes"])
         return uri
 
 
@@ -140,6 +148,14 @@ def open_job_run(client: MlflowClient, params: Params, start: JobStart, journal:
         mark_abandoned(client, run_id, f"continued in run {logger.run_id}", journal)
     atomic.write_text(run_id_file, logger.run_id + "\n")
     continued = start.resumed and logger.run_id == run_id
+    inputs = [datasets.dataset_input(part, params.data.url, params.data.md5, n, start.split_hash)
+              for part, n in (("training", start.n_train), ("validation", start.n_val))]
+    # Every epoch of the checkpoint gets its checkpoint model (found, or made if a killed process
+    # never sent it); the epochs' metrics carry the model's id and their dataset's name and digest.
+    logger.checkpoints = checkpoints.CheckpointLog(
+        client, logger.run_id, {i.tags[0].value: [i.dataset.name, i.dataset.digest] for i in inputs},
+        start.job_dir / checkpoints.SNAPSHOT_DIR if start.job_dir else None,
+        epochs=[int(row["epoch"]) for row in start.history])
     already_logged: dict[str, set[int]] = {}
     try:
         if continued:
@@ -160,9 +176,7 @@ def open_job_run(client: MlflowClient, params: Params, start: JobStart, journal:
         raise UserError(f"the MLflow store {tracking_uri()} failed while run {logger.run_id} was being set up "
                         f"({type(e).__name__}); nothing was trained: run again when it answers, the same run "
                         "continues") from None
-    datasets.log_datasets(client, logger.run_id, [
-        datasets.dataset_input(part, params.data.url, params.data.md5, n, start.split_hash)
-        for part, n in (("training", start.n_train), ("validation", start.n_val))])
+    datasets.log_datasets(client, logger.run_id, inputs)
     if params.tracking.system_metrics:
         logger.system_metrics = SystemMetrics.start(client, logger.run_id, resume=continued)
     tb_dir = (tensorboard.tensorboard_dir(tensorboard_root, client, logger.run_id)

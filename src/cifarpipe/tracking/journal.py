@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic
 from cifarpipe.config import UserError
-from cifarpipe.tracking import datasets, model, registry
+from cifarpipe.tracking import card, checkpoints, datasets, model, registry
 from cifarpipe.tracking.in_force import params_in_force
 from cifarpipe.tracking.store import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL, is_not_found, is_refusal,
                                       short_error, uri_of)
@@ -58,7 +58,7 @@ def file_sha256(path: Path) -> str:
 class Journal:
     """The journal of deliveries the store has not taken yet: {"items": [...]}, rewritten atomically
     after every change, removed once empty. Each item names its run ("run_id") and its "kind":
-    metrics, tags, artifact, model, status, abandon or evaluation (see deliver)."""
+    metrics, checkpoints, tags, artifact, model, status, abandon or evaluation (see deliver)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -98,23 +98,33 @@ class Journal:
     def add_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.add({"run_id": run_id, "kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
-    def add_model(self, run_id: str, weights: Path, input_example: np.ndarray) -> None:
-        """The MLflow model to log from `weights`, with `input_example`: uint8 images (N, 32, 32, 3)."""
+    def add_model(self, run_id: str, weights: Path, input_example: np.ndarray, step: int = 0) -> None:
+        """The MLflow model to log from `weights`, with `input_example`: uint8 images (N, 32, 32, 3);
+        `step`: the epoch whose weights these are."""
         example = np.ascontiguousarray(input_example, dtype=np.uint8)
         self.add({"run_id": run_id, "kind": "model", "weights": str(weights), "sha256": file_sha256(weights),
                   "example": base64.b64encode(example.tobytes()).decode(), "shape": list(example.shape),
-                  "dtype": "uint8"})
+                  "dtype": "uint8", "step": step})
+
+    def add_checkpoint_files(self, run_id: str, files: dict[int, Path], keep: set[int]) -> None:
+        """The checkpoint files of epochs `files` for their checkpoint models (tracking.checkpoints),
+        each pinned by its hash; every other model of the run loses its file (`keep`: best and last)."""
+        self.add({"run_id": run_id, "kind": "checkpoints", "metrics": [], "epochs": [], "keep": sorted(keep),
+                  "files": [{"epoch": e, "path": str(p), "sha256": file_sha256(p)} for e, p in sorted(files.items())]})
 
     def add_evaluation(self, run_id: str, params: dict[str, Any], metrics: dict[str, float], artifacts: list[Path],
-                       artifact_path: str = "evaluation", n_test: int = 0) -> None:
+                       artifact_path: str = "evaluation", n_test: int = 0, per_class: list[dict] | None = None) -> None:
         """An evaluation of run `run_id`'s model; deliver() decides where it goes (see _deliver_evaluation).
-        It supersedes an undelivered older evaluation of the same run, whose files it has overwritten."""
+        `per_class`: rows of the per-class table (class, support, correct, accuracy, precision), for
+        the model card. It supersedes an undelivered older evaluation of the same run, whose files
+        it has overwritten."""
         old = [it for it in self.items if it["run_id"] == run_id and it["kind"] == "evaluation"]
         if old:
             print(f"note: an undelivered earlier evaluation of run {run_id} is replaced by this one", file=sys.stderr)
         self.items = [it for it in self.items if it not in old]
         self.add({"run_id": run_id, "kind": "evaluation", "params": {k: str(v) for k, v in params.items()},
                   "metrics": {k: float(v) for k, v in metrics.items()}, "artifact_path": artifact_path, "n_test": n_test,
+                  "per_class": per_class or [],
                   "artifacts": [{"path": str(a), "sha256": file_sha256(a)} for a in artifacts]})
 
     def remove(self, predicate) -> None:
@@ -178,7 +188,17 @@ def _deliver_one(client: MlflowClient, item: dict[str, Any]) -> None:
     elif kind == "model":
         _check_unchanged(item, "weights")
         # the answer to an earlier upload may have been lost: log_model_once skips a model the run has
-        model.log_model_once(client, run_id, Path(item["weights"]), _example(item))
+        model.log_model_once(client, run_id, Path(item["weights"]), _example(item), item.get("step", 0))
+    elif kind == "checkpoints":
+        for f in item.get("files", []):
+            _check_unchanged(f)
+        experiment_id = client.get_run(run_id).info.experiment_id
+        models = checkpoints.log_epochs(
+            client, run_id, experiment_id, only_missing=True, epochs=item["epochs"], datasets=item.get("datasets"),
+            metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in item["metrics"]])
+        if "keep" in item:
+            checkpoints.keep_files(client, run_id, experiment_id, {f["epoch"]: Path(f["path"]) for f in item["files"]},
+                                   set(item["keep"]), models)
     elif kind == "status":
         client.set_terminated(run_id, item["status"])
     elif kind == "abandon":
@@ -268,11 +288,15 @@ def _deliver_evaluation(client: MlflowClient, item: dict[str, Any]) -> None:
         client.log_artifact(target, art["path"], item["artifact_path"])
     datasets.log_datasets(client, target, [datasets.dataset_input("test", params["data.url"], params["data.md5"], item.get("n_test", 0))])
     model_name = params.get("tracking.registered_model", "")
-    model_uri = model.logged_model_uri(client, train_id) if model_name and target == train_id else None
-    if model_uri:  # a version's test accuracy is its own training run's evaluation, never another's
-        # strict: a failure keeps the item pending (or, refused, reports it dropped), never "logged"
-        registry.register_model_version(client, model_name, train_id, model_uri, strict=True)  # once per run
-        item["versions"] = registry.tag_model_versions(
-            client, model_name, train_id, {"test_accuracy": round(item["metrics"]["test_accuracy"], 4)}, strict=True)
+    model_uri = model.logged_model_uri(client, train_id) if target == train_id else None
+    if model_uri:  # a version's card and test accuracy are its own training run's evaluation, never another's
+        per_class = item.get("per_class") or []
+        # strict: a failure keeps the item pending (or, refused, reports it dropped), never "logged". The
+        # version is registered once per run (here if train's registration was pending); the card gets the test results.
+        card.publish(client, train_id, model_uri, model_name, [r["class"] for r in per_class], evaluation=item,
+                     strict=True)
+        if model_name:
+            item["versions"] = registry.tag_model_versions(
+                client, model_name, train_id, {"test_accuracy": round(item["metrics"]["test_accuracy"], 4)}, strict=True)
     client.set_terminated(target, "FINISHED")
     item["delivered_to"] = target  # what the evaluate stage reports

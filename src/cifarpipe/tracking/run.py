@@ -19,6 +19,7 @@ from typing import Any, Hashable
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from cifarpipe.tracking.checkpoints import CheckpointLog
 from cifarpipe.tracking.journal import Journal, deliver
 from cifarpipe.tracking.store import MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL, uri_of
 from cifarpipe.tracking.system_metrics import SystemMetrics
@@ -47,6 +48,8 @@ class RunLogger:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
         self._warned = False
         self.system_metrics: SystemMetrics | None = None  # set when tracking.system_metrics is on
+        # set by the training job: epoch metrics then go with their epoch's checkpoint model
+        self.checkpoints: CheckpointLog | None = None
         self.background_cpu_seconds = 0.0  # CPU time the logging thread used: what tracking costs training
 
     def _submit(self, job):
@@ -117,10 +120,13 @@ class RunLogger:
         while True:
             with self._lock:
                 chunk = self._pending[:MAX_METRICS_PER_CALL]
-            if not chunk:
+            if not chunk and not (self.checkpoints and self.checkpoints.pending()):
                 return True
             try:
-                self.client.log_batch(self.run_id, metrics=chunk)
+                if self.checkpoints:  # the epochs' models first, then their metrics linked to them
+                    self.checkpoints.deliver(chunk)
+                else:
+                    self.client.log_batch(self.run_id, metrics=chunk)
             except Exception as e:  # store down: keep the values, try again with the next epoch
                 if not self._warned:
                     print(f"warning: MLflow store {uri_of(self.client)} failed ({type(e).__name__}); training goes on, "
@@ -129,6 +135,8 @@ class RunLogger:
                 return False
             with self._lock:  # drop each chunk as soon as it landed: a later failure never resends it
                 del self._pending[:len(chunk)]
+            if not chunk:  # the checkpoint models' epochs alone: sent
+                return True
 
     def _wait_queue(self, timeout_s: float) -> bool:
         try:
@@ -143,7 +151,7 @@ class RunLogger:
         if self._wait_queue(timeout_s):
             for attempt in range(attempts):
                 with self._lock:
-                    if not self._pending:
+                    if not self._pending and not (self.checkpoints and self.checkpoints.pending()):
                         return True
                 try:
                     if self._submit(self._flush).result(timeout=max(deadline - time.monotonic(), 0.1)):
@@ -153,12 +161,20 @@ class RunLogger:
                 time.sleep(pause_s * (attempt + 1))
         with self._lock:
             rows = [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp} for m in self._pending]
-        if self.journal is not None and rows:
-            self.journal.add({"run_id": self.run_id, "kind": "metrics", "metrics": rows})
+        cp = self.checkpoints
+        epochs = sorted(set(cp.take_epochs()) | {r["step"] for r in rows}) if cp and self.journal is not None else []
+        if self.journal is not None and (rows or epochs):
+            if cp:  # the epochs' models, then their metrics: delivered as in training (tracking.checkpoints)
+                self.journal.add({"run_id": self.run_id, "kind": "checkpoints", "metrics": rows, "epochs": epochs,
+                                  "datasets": cp.datasets})
+            else:
+                self.journal.add({"run_id": self.run_id, "kind": "metrics", "metrics": rows})
             with self._lock:
                 self._pending.clear()  # the journal has them now: a later drain must not add them twice
-            print(f"warning: {len(rows)} metric values could not be sent to {uri_of(self.client)}; they are "
-                  f"kept in {self.journal.path} and sent when it answers", file=sys.stderr)
+            print(f"warning: {len(rows)} metric values" + (f" and the checkpoint models of epoch(s) "
+                  f"{', '.join(map(str, epochs))}" if epochs else "") + f" could not be sent to "
+                  f"{uri_of(self.client)}; they are kept in {self.journal.path} and sent when it answers",
+                  file=sys.stderr)
         return False
 
     # ------------------------------------------------------------ artifacts

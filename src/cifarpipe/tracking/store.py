@@ -89,11 +89,19 @@ def _artifact_location(client: MlflowClient, experiment: str) -> str | None:
     return (store_root() / "mlruns" / safe_name(experiment, "experiment")).as_uri()
 
 
+# The experiment kind MLflow's UI reads to choose between its GenAI and its model-training views
+# ("custom_model_development" is "Machine learning"; mlflow/demo sets "genai_development" the same way).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def create_experiment(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created if new. Two queued trainings may create it at the same
-    moment: the one that loses gets MLflow's RESOURCE_ALREADY_EXISTS and takes the winner's."""
+    """The id of experiment `name`, created if new (tagged as a model-training experiment). Two
+    queued trainings may create it at the same moment: the one that loses gets MLflow's
+    RESOURCE_ALREADY_EXISTS and takes the winner's."""
     try:
-        return client.create_experiment(name, artifact_location=_artifact_location(client, name))
+        return client.create_experiment(name, artifact_location=_artifact_location(client, name),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
