@@ -62,7 +62,7 @@ def test_two_processes_train_one_run_like_one_process(seed, tmp_path):
     assert runs[0].data.params["train.nproc_per_node"] == "2"
     for key in ("train_loss", "val_accuracy"):
         assert [m.step for m in client.get_metric_history(runs[0].info.run_id, key)] == list(range(1, EPOCHS + 1))
-    assert sorted(p.name for p in job_dir(two).iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in job_dir(two).iterdir()) == ["best.pt", "job.lock", "last.pt"]  # job.lock: rank 0's claim
     # The two processes together train on exactly the batches one process trains on: every
     # metric matches one process up to float rounding (both halves of each batch count, once).
     a, b = history(two), history(one)

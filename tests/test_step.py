@@ -201,3 +201,4 @@ def test_without_the_new_settings_the_step_is_the_courses_loop():
     assert type(setup.step).__name__ == "TrainStep" and setup.step.rates is None and setup.step.lookahead is None
     assert len(setup.optimizer.param_groups) == 1 and setup.optimizer.param_groups[0]["lr"] == 0.001
     copy.deepcopy(setup.optimizer.state_dict())  # plain values, as before
+    assert setup.init_seconds == 0.0  # no whitening layer: the stage prints no whitening line, epoch 1 gets no time

@@ -25,7 +25,7 @@ from tqdm import tqdm
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-from cifarpipe import atomic, faults
+from cifarpipe import atomic, faults, workspace
 from cifarpipe.config import (Params, TrainParams, UserError, flatten, load_params, params_in_force_text,
                               recipe_changes)
 from cifarpipe.data import archive, split
@@ -216,7 +216,10 @@ def resume_point(paths: TrainPaths, params: Params, data: TrainingData, group: G
     and, read by rank 0 and sent to every process, the checkpoint to continue from."""
     fingerprint = checkpoint.fingerprint(flatten(params), params.data.md5, data.split_hash,
                                          checkpoint.code_digest(TRAINING_CODE))
-    job_dir = paths.checkpoint_dir / fingerprint
+    # beside the repository also in DVC's temporary copy (--queue, --temp): a killed experiment resumes
+    job_dir = workspace.beside_repository(paths.checkpoint_dir) / fingerprint
+    if group.is_main:
+        checkpoint.claim(job_dir)
     resume, resume_path = find_resume_point(job_dir) if group.is_main else (None, None)
     return job_dir, group.broadcast(resume), resume_path
 
@@ -242,7 +245,10 @@ def stopped(state: engine.TrainState, stop: StopRequest, run: job.JobRun | None,
     run.stop("KILLED")
     where = (f"in epoch {state.epoch + 1} after batch {state.progress.step}" if state.progress.step
              else f"after epoch {state.epoch}")
-    print(f"stopped {where}: checkpoint saved to {job_dir / 'last.pt'}. Run `dvc repro` to resume.")
+    how = ("Run `dvc repro` to resume." if not workspace.in_temporary_copy() else
+           f"To resume, queue experiment {workspace.experiment_name()!r} again with the same params "
+           "(`dvc exp run --queue -n NAME -S ...`) and run `dvc queue start` (docs/10-tools.md).")
+    print(f"stopped {where}: checkpoint saved to {job_dir / 'last.pt'}. {how}")
     return exit_code
 
 

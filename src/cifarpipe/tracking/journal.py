@@ -28,13 +28,22 @@ from cifarpipe.tracking import card, checkpoints, datasets, model, registry
 from cifarpipe.tracking.in_force import params_in_force
 from cifarpipe.tracking.store import (MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL, is_not_found, is_refusal,
                                       short_error, uri_of)
+from cifarpipe.workspace import beside_repository, experiment_name, in_temporary_copy, safe_name
 
 JOURNAL_NAME = "mlflow_pending.json"
 EVALUATION_PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under its parent
 
 def journal_path(run_id_file: Path) -> Path:
     """The journal both stages share: beside the run-id file (outputs/mlflow_pending.json). Not a
-    DVC output: it outlives reruns of either stage until everything in it is delivered."""
+    DVC output: it outlives reruns of either stage until everything in it is delivered.
+
+    A DVC experiment run in a temporary copy (`--queue`, `--temp`) keeps it beside the original
+    repository's, one file per experiment name (outputs/mlflow_pending-<name>.json): the copy is
+    deleted when the experiment is killed, and rerunning that name delivers what was left."""
+    name = experiment_name()
+    if name and in_temporary_copy():
+        folder = beside_repository(Path(run_id_file).parent)
+        return folder / f"{Path(JOURNAL_NAME).stem}-{safe_name(name)}.json"
     return Path(run_id_file).parent / JOURNAL_NAME
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from cifarpipe.workspace import experiment_name, in_temporary_copy, repository_root
+
 # Files DVC itself writes while it runs the pipeline (besides each stage's outputs, read from
 # dvc.yaml): dvc.lock, and params.yaml, where `dvc exp run -S` writes its overrides before training.
 _DVC_WRITTEN = ("params.yaml", "dvc.lock")
@@ -128,7 +130,11 @@ def environment_tags(device_name: str) -> dict[str, str]:
 def workspace_tags() -> dict[str, str]:
     """Which copy of the project a run trains in: tags a run at creation, so a run whose process
     was killed before its first checkpoint can be found again (see the train stage). The key is a
-    hash, safe in a search filter whatever characters the folder's path has."""
+    hash, safe in a search filter whatever characters the folder's path has. A DVC experiment in
+    a temporary copy is its repository plus its name: each run of that name (a killed one queued
+    again) gets a new copy, and must find the run its killed predecessor left."""
     where = f"{platform.node()}:{Path.cwd().resolve()}"
+    if in_temporary_copy():
+        where = f"{platform.node()}:{repository_root()} (dvc exp {experiment_name() or Path.cwd().name})"
     return {"workspace": where, "workspace_key": hashlib.sha256(where.encode()).hexdigest()[:16]}
 

@@ -23,6 +23,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from cifarpipe.config import UserError
+from cifarpipe.workspace import repository_root, safe_name
 
 MAX_METRICS_PER_CALL = 900  # MLflow accepts at most 1000 metrics per log_batch call
 MAX_PARAMS_PER_CALL = 100  # and at most 100 params
@@ -31,25 +32,9 @@ _REBASED_URI: str | None = None  # set when tracking_uri() moved the default sto
 
 
 def store_root() -> Path:
-    """The folder whose ./mlflow.db is the default store: the repository the stage belongs to.
-
-    `dvc exp run --queue` (then `dvc queue start`) and `dvc exp run --temp` run the stages in a
-    temporary copy, <repo>/.dvc/tmp/exps/tmpXXXX/, deleted when the experiment ends: a store there is
-    lost. DVC 3.x passes the original repository's root to the stages as DVC_ROOT (checked with
-    dvc 3.67.1: the queue stores it with the experiment, dvc/repo/experiments/queue/base.py; the
-    stage's cwd is the temporary copy and DVC_EXP_NAME / DVC_EXP_BASELINE_REV are set too);
-    `dvc repro` sets DVC_ROOT to the repository root, which is then the working directory. Without
-    a usable DVC_ROOT (a stage script run by hand, an older DVC) a working directory inside
-    <repo>/.dvc/tmp/exps/ still means <repo>; anything else is the working directory, as in MLflow.
-    """
-    root = os.environ.get("DVC_ROOT")
-    if root and Path(root, ".dvc").is_dir():
-        return Path(root).resolve()
-    cwd = Path.cwd().resolve()
-    for i in range(len(cwd.parts) - 3):
-        if cwd.parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*cwd.parts[:i])
-    return cwd
+    """The folder whose ./mlflow.db is the default store: the repository the stage belongs to,
+    also from DVC's temporary copy (`dvc exp run --queue` / `--temp`; see cifarpipe.workspace)."""
+    return repository_root()
 
 
 def tracking_uri() -> str:
@@ -101,8 +86,7 @@ def _artifact_location(client: MlflowClient, experiment: str) -> str | None:
     with it: there <repo>/mlruns/<experiment name>, beside the default experiments' folders."""
     if _REBASED_URI is None or uri_of(client) != _REBASED_URI or not _REBASED_URI.startswith("sqlite:"):
         return None  # a file store (./mlruns) keeps its artifacts inside itself: already in the repository
-    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in experiment).strip(".") or "experiment"
-    return (store_root() / "mlruns" / safe).as_uri()
+    return (store_root() / "mlruns" / safe_name(experiment, "experiment")).as_uri()
 
 
 # The experiment kind MLflow's UI reads to choose between its GenAI and its model-training views

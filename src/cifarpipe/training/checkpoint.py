@@ -27,7 +27,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -148,6 +148,64 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise
     except Exception as e:
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------- one process per job folder
+LOCK_NAME = "job.lock"  # in the job's folder; held (flock) by the process training the job
+_CLAIMED: dict[Path, IO] = {}  # this process's claims, held until it exits
+
+
+def claim(job_dir: Path) -> None:
+    """Claim the job's folder for this process until it exits: two processes training one job
+    (two queued experiments with the same params, which share <repo>/outputs/checkpoints/) would
+    overwrite each other's checkpoints. UserError when another process holds it. An advisory
+    lock (flock): the kernel drops it when the process ends, however it ends, so a killed job
+    leaves no stale lock. Without fcntl (Windows) there is no claim."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    job_dir = Path(job_dir).resolve()
+    if job_dir in _CLAIMED:
+        return
+    job_dir.mkdir(parents=True, exist_ok=True)
+    f = open(job_dir / LOCK_NAME, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"{job_dir}: another process is training this job (same params, data and code) "
+                        "right now; run again once it has finished, which then completes from its "
+                        "checkpoint without training") from None
+    _CLAIMED[job_dir] = f
+
+
+def release(job_dir: Path) -> None:
+    """End this process's claim on `job_dir` (cifarpipe-gc, after removing a finished job's files)."""
+    f = _CLAIMED.pop(Path(job_dir).resolve(), None)
+    if f is not None:
+        f.close()  # closing the file drops its flock
+
+
+def is_claimed(job_dir: Path) -> bool:
+    """Whether a process (another one, or this one) is training the job in `job_dir` now."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    if Path(job_dir).resolve() in _CLAIMED:
+        return True
+    try:
+        f = open(Path(job_dir) / LOCK_NAME, "r")
+    except FileNotFoundError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 # What every checkpoint of the train stage holds; a file without them is no resume point.

@@ -114,13 +114,14 @@ def build_training(model_params: ModelParams, p: TrainParams, device: torch.devi
         torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: autotuned kernels pay off after one batch
     torch.manual_seed(p.seed)
     model = build_model(model_params)
-    t0 = time.perf_counter()
+    init_seconds = 0.0  # no set-up counts as training unless the model has a whitening layer
     if hasattr(model, "init_whitening"):
         if init_images is None:
             raise ValueError(f"model {model_params.name} needs training images for its whitening layer")
+        t0 = time.perf_counter()
         model.init_whitening(init_images)
+        init_seconds = time.perf_counter() - t0
         model.whiten.bias.requires_grad_(p.optimizer.whiten_bias_epochs > 0)
-    init_seconds = time.perf_counter() - t0
     model = model.to(device)
     if p.channels_last and device.type in ("cuda", "cpu"):
         # The loader's batches are already NHWC in memory. Measured on a 2-core CPU: the course CNN
@@ -303,6 +304,32 @@ def count_for_early_stopping(state: TrainState, val_accuracy: float, rule: Early
     state.stopped_early = state.epochs_without_improvement >= rule.patience
 
 
+def stop_check(hooks: LoopHooks, group: Group, device: torch.device) -> Callable[[], bool]:
+    """train_one_epoch's should_stop: asks hooks.stop_requested after every step; under DDP every
+    _STOP_CHECK_STEPS steps, all processes together (a signal may reach only one)."""
+    steps_seen = 0
+
+    def should_stop() -> bool:
+        nonlocal steps_seen
+        steps_seen += 1
+        if not group.active:
+            return hooks.stop_requested(True)
+        return steps_seen % _STOP_CHECK_STEPS == 0 and group.any(hooks.stop_requested(True), device)
+    return should_stop
+
+
+def validate(setup: TrainingSetup, batches: Batches, group: Group, device: torch.device) -> EvalResult:
+    """Loss and accuracy on the validation set; under DDP each process evaluates its part and the
+    sums are added up, so every rank gets the whole set's figures."""
+    group.sync_buffers(setup.model)
+    val = evaluate(setup.eval_model, batches, amp=setup.amp)
+    if group.active:
+        n = len(val.predictions)
+        loss_sum, correct, n = group.sum([val.loss * n, val.accuracy * n, n], device)
+        val = EvalResult(loss_sum / n, round(correct) / n, val.predictions)
+    return val
+
+
 def fit(setup: TrainingSetup, state: TrainState, epochs: int, train_batches: Callable[[int, int], Batches],
         val_batches: Callable[[], Batches], steps_per_epoch: int, hooks: LoopHooks, *, group: Group = Group(),
         log_every: int = 0, log: Callable[[str], None] = print, early_stopping: EarlyStoppingParams | None = None
@@ -318,15 +345,7 @@ def fit(setup: TrainingSetup, state: TrainState, epochs: int, train_batches: Cal
     hooks.stopped_in_epoch inside an epoch, or at an epoch boundary). `state` is updated in place.
     """
     device = next(setup.model.parameters()).device
-    steps_seen = 0
-
-    def should_stop() -> bool:
-        nonlocal steps_seen
-        steps_seen += 1
-        if not group.active:
-            return hooks.stop_requested(True)
-        return steps_seen % _STOP_CHECK_STEPS == 0 and group.any(hooks.stop_requested(True), device)
-
+    should_stop = stop_check(hooks, group, device)
     if state.stopped_early:  # early stopping ended this training: it is finished
         return True
     for epoch in range(state.epoch, epochs):
@@ -349,12 +368,7 @@ def fit(setup: TrainingSetup, state: TrainState, epochs: int, train_batches: Cal
             return False
 
         hooks.validation_started(epoch)
-        group.sync_buffers(setup.model)
-        val = evaluate(setup.eval_model, val_batches(), amp=setup.amp)
-        if group.active:  # this process's part of the validation set, added up
-            n = len(val.predictions)
-            loss_sum, correct, n = group.sum([val.loss * n, val.accuracy * n, n], device)
-            val = EvalResult(loss_sum / n, round(correct) / n, val.predictions)
+        val = validate(setup, val_batches(), group, device)
         lr = float(setup.optimizer.param_groups[0]["lr"])  # the rate this epoch trained with (per-step: its last)
         setup.scheduler.end_epoch(epoch, val.accuracy, val.loss)  # the plateau scheduler, after warm-up
         row = {"epoch": epoch + 1, "train_loss": done.loss, "train_accuracy": done.accuracy,
