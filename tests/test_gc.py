@@ -73,6 +73,14 @@ def test_gc_removes_only_what_no_job_run_or_commit_needs(project):
     (project / "outputs/model.pt").unlink()
     (folders["b"] / "notes.txt").write_text("mine")
     low, best = checkpoint_models(client, run_b)
+    # run b as a run logged before checkpoint models also has its checkpoints as artifacts
+    old = project.parent / "old-artifacts"
+    old.mkdir()
+    for name in ("last.pt", "best.pt"):
+        (old / name).write_bytes(os.urandom(10_000))
+        client.log_artifact(run_b, str(old / name), "checkpoints")
+    exp_id = client.get_run(run_b).info.experiment_id
+    models_before = client.search_logged_models([exp_id], filter_string="model_type = 'checkpoint'")
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; from cifarpipe.training import checkpoint; "
                                f"checkpoint.claim({str(folders['b'])!r}); print('claimed', flush=True); time.sleep(300)"],
@@ -97,11 +105,21 @@ def test_gc_removes_only_what_no_job_run_or_commit_needs(project):
 
     def artifacts(r: str) -> list[str]:
         return sorted(a.path for a in client.list_artifacts(r, "checkpoints"))
-    assert artifacts(run_a) == artifacts(run_b) == ["checkpoints/best.pt"]  # FINISHED: last.pt gone
+    assert artifacts(run_a) == [] and artifacts(run_b) == ["checkpoints/best.pt"]  # FINISHED: last.pt gone
     listed = [line for line in out.splitlines() if line.strip().startswith("run ")]  # the store's items
     assert {line.split()[1] for line in listed} == {run_a[:8], run_b[:8]}  # FINISHED runs only, never c (KILLED), d
-    assert [m.model_id for m in client.search_logged_models([client.get_run(run_b).info.experiment_id],
-                                                            filter_string="model_type = 'checkpoint'")] == [best]
+
+    def val(m) -> float:
+        return max(x.value for x in m.metrics if x.key == "val_accuracy")
+    after = client.search_logged_models([exp_id], filter_string="model_type = 'checkpoint'")
+    for r in (run_a, run_b):  # FINISHED: only the checkpoint model with the best val_accuracy stays
+        [kept] = [m for m in after if m.source_run_id == r]
+        assert val(kept) == max(val(m) for m in models_before if m.source_run_id == r)
+    assert low not in {m.model_id for m in after}
+    for r in (run_c, run_d):  # not FINISHED: every epoch's checkpoint model stays (c was killed before its first)
+        assert sorted(m.model_id for m in after if m.source_run_id == r) == \
+            sorted(m.model_id for m in models_before if m.source_run_id == r)
+    assert len([m for m in after if m.source_run_id == run_d]) == 2
 
     [command] = [line.strip() for line in out.splitlines() if "mlflow gc --backend-store-uri" in line]
     assert "dvc gc --workspace --all-commits --all-experiments --dry" in out

@@ -324,3 +324,24 @@ def test_a_second_run_takes_the_champion_only_with_a_higher_validation_accuracy(
     assert client.get_registered_model(MODEL).aliases == {"champion": 2 if higher else 1}
     assert new.tags["champion_rule"].startswith("@champion -> version 2" if higher else "@champion stays on version 1")
     assert len(checkpoints.find(client, client.get_run(second).info.experiment_id, second)) == EPOCHS
+
+
+def test_gc_keeps_the_checkpoint_model_with_the_file_among_equal_accuracies(tmp_path):
+    """cifarpipe-gc keeps one checkpoint model per FINISHED run, the best: among equal validation
+    accuracies the one that holds the file (the first epoch that reached it), whatever the search order."""
+    from cifarpipe.tracking import cleanup
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("x")
+    run_id = client.create_run(exp).info.run_id
+    ids = {}
+    for epoch, val, tag in ((1, 0.6, checkpoints.KEPT), (2, 0.6, checkpoints.REMOVED), (3, 0.5, checkpoints.KEPT)):
+        m = client.create_logged_model(exp, name=checkpoints.model_name(epoch), source_run_id=run_id,
+                                       params={"epoch": str(epoch)}, model_type=checkpoints.CHECKPOINT_TYPE)
+        client.log_batch(run_id, metrics=[Metric("val_accuracy", val, int(time.time() * 1000), epoch, model_id=m.model_id)])
+        client.set_logged_model_tags(m.model_id, {checkpoints.FILE_TAG: tag})
+        client.finalize_logged_model(m.model_id, "READY")
+        ids[epoch] = m.model_id
+    client.set_terminated(run_id)
+    removed = {item.model_id for item in cleanup.removable(client) if item.model_id}
+    assert removed == {ids[2], ids[3]}

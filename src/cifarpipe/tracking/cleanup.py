@@ -78,7 +78,9 @@ def removable(client: MlflowClient) -> list[Removable]:
         if m.source_run_id in finished_ids:
             by_run.setdefault(m.source_run_id, []).append(m)
     for run_id, ms in by_run.items():
-        best = max(ms, key=_val_accuracy)
+        # Equal accuracies: the model that holds the file (tracking.checkpoints keeps it in the first
+        # epoch that reached the best value, the job's best.pt), not whichever the search listed first.
+        best = max(ms, key=lambda m: (_val_accuracy(m), m.tags.get("checkpoint_file") == "kept"))
         for m in ms:
             if m.model_id != best.model_id:
                 size = sum(f.file_size or 0 for f in client.list_logged_model_artifacts(m.model_id))
