@@ -135,7 +135,10 @@ def keep_files(client: MlflowClient, run_id: str, experiment_id: str, files: dic
     for epoch, path in sorted(files.items()):
         model = models[epoch]
         if model.tags.get(FILE_TAG) != KEPT and (keep is None or epoch in keep):
-            _upload(client, model.model_id, Path(path))
+            try:
+                _upload(client, model.model_id, Path(path))
+            except FileNotFoundError:  # a waiting snapshot the next epoch dropped meanwhile: no longer kept
+                continue
             client.set_logged_model_tags(model.model_id, {FILE_TAG: KEPT})
             model.tags[FILE_TAG] = KEPT
     if keep is not None:
