@@ -327,8 +327,9 @@ def test_a_second_run_takes_the_champion_only_with_a_higher_validation_accuracy(
 
 
 def test_gc_keeps_the_checkpoint_model_with_the_file_among_equal_accuracies(tmp_path):
-    """cifarpipe-gc keeps one checkpoint model per FINISHED run, the best: among equal validation
-    accuracies the one that holds the file (the first epoch that reached it), whatever the search order."""
+    """cifarpipe-gc keeps one checkpoint file per FINISHED run, the best model's: among equal
+    validation accuracies the model that holds the file (the first epoch that reached it), whatever
+    the search order; a model without a file (epoch 2's) is left alone."""
     from cifarpipe.tracking import cleanup
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -340,8 +341,11 @@ def test_gc_keeps_the_checkpoint_model_with_the_file_among_equal_accuracies(tmp_
                                        params={"epoch": str(epoch)}, model_type=checkpoints.CHECKPOINT_TYPE)
         client.log_batch(run_id, metrics=[Metric("val_accuracy", val, int(time.time() * 1000), epoch, model_id=m.model_id)])
         client.set_logged_model_tags(m.model_id, {checkpoints.FILE_TAG: tag})
+        if tag == checkpoints.KEPT:
+            (tmp_path / checkpoints.CHECKPOINT_FILE).write_bytes(b"x" * 100)
+            client.log_model_artifact(m.model_id, str(tmp_path / checkpoints.CHECKPOINT_FILE))
         client.finalize_logged_model(m.model_id, "READY")
         ids[epoch] = m.model_id
     client.set_terminated(run_id)
     removed = {item.model_id for item in cleanup.removable(client) if item.model_id}
-    assert removed == {ids[2], ids[3]}
+    assert removed == {ids[3]}

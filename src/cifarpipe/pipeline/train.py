@@ -165,7 +165,7 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
         client = store_ready.result()  # an unreachable store stops the stage here, before any training
         phases.lap("store")
     if main:
-        job_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.claim(job_dir)  # made here for a new job: an unreachable store leaves no folder behind
 
     run = None
     if main:  # MLflow, call 1 of 2: open the job's run
@@ -218,7 +218,7 @@ def resume_point(paths: TrainPaths, params: Params, data: TrainingData, group: G
                                          checkpoint.code_digest(TRAINING_CODE))
     # beside the repository also in DVC's temporary copy (--queue, --temp): a killed experiment resumes
     job_dir = workspace.beside_repository(paths.checkpoint_dir) / fingerprint
-    if group.is_main:
+    if group.is_main and job_dir.exists():  # a new job's folder is made (and claimed) once the store answered
         checkpoint.claim(job_dir)
     resume, resume_path = find_resume_point(job_dir) if group.is_main else (None, None)
     return job_dir, group.broadcast(resume), resume_path

@@ -2,9 +2,10 @@
 
 - The `checkpoints/last.pt` artifact of every FINISHED run: the state to resume from, useless once
   the run is finished. The run's model and `checkpoints/best.pt` stay.
-- Checkpoints logged as MLflow LoggedModels (model_type `checkpoint`) of FINISHED runs, all but the
-  one with the best `val_accuracy`: deleted in MLflow's way (a soft delete); `mlflow gc` then
-  removes their files.
+- Checkpoints logged as MLflow LoggedModels (model_type `checkpoint`) of FINISHED runs that hold a
+  file (tracking.checkpoints keeps it in the best and the last epoch's), all but the one with the
+  best `val_accuracy`: deleted in MLflow's way (a soft delete); `mlflow gc` then removes their
+  files. The epochs' models without a file stay: 0 bytes, and their linked metrics.
 - What `mlflow gc` would remove: runs already deleted (MLflow keeps their rows and files until then).
 
 Only runs whose status is FINISHED are touched: a RUNNING, KILLED or FAILED run may be continued.
@@ -82,8 +83,9 @@ def removable(client: MlflowClient) -> list[Removable]:
         # epoch that reached the best value, the job's best.pt), not whichever the search listed first.
         best = max(ms, key=lambda m: (_val_accuracy(m), m.tags.get("checkpoint_file") == "kept"))
         for m in ms:
-            if m.model_id != best.model_id:
-                size = sum(f.file_size or 0 for f in client.list_logged_model_artifacts(m.model_id))
+            # Only models that hold a file: the epochs' others are rows with linked metrics, 0 bytes.
+            size = sum(f.file_size or 0 for f in client.list_logged_model_artifacts(m.model_id))
+            if m.model_id != best.model_id and size:
                 out.append(Removable(run_id, f"logged model {m.model_id} ({m.name})", size, m.model_id))
     return out
 

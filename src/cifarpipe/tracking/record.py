@@ -99,7 +99,7 @@ def reproduce_note(commit: str, experiment: str | None, changed: dict[str, Any],
     if experiment:
         lines += [f"DVC experiment **{experiment}**, baseline commit `{commit[:12]}`. Reproduce it:", "",
                   "```", f"git checkout {commit}", f"dvc exp run {sets}".rstrip(), "```", "",
-                  f"or, where the experiment itself is at hand (`dvc exp pull` from the DVC remote):", "",
+                  "or, where the experiment itself is at hand (`dvc exp pull` from the DVC remote):", "",
                   "```", f"dvc exp apply {experiment}", "dvc repro", "```"]
     else:
         run = f"dvc exp run {sets}" if sets else "dvc repro"
