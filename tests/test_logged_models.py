@@ -239,6 +239,22 @@ def test_checkpoint_models_of_epochs_the_store_missed_land_once_it_answers(tmp_p
     logger.finish()
 
 
+def test_a_model_a_kill_left_unlinked_is_linked_to_its_step_once(tmp_path):
+    """Killed between making an epoch's model and linking it to the run: the resumed job finishes
+    that model (found by its epoch) and links it, once however often it is delivered."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("x")
+    run_id = client.create_run(exp).info.run_id
+    left = client.create_logged_model(exp, name=checkpoints.model_name(1), source_run_id=run_id, params={"epoch": "1"},
+                                      model_type=checkpoints.CHECKPOINT_TYPE)  # PENDING, no link
+    for _ in range(2):
+        models = checkpoints.log_epochs(client, run_id, exp, epochs=[1, 2])
+    assert models[1].model_id == left.model_id
+    links = sorted((o.step, o.model_id) for o in client.get_run(run_id).outputs.model_outputs)
+    assert links == sorted([(1, left.model_id), (2, models[2].model_id)])
+    assert {e: m.status.name for e, m in checkpoints.find(client, exp, run_id).items()} == {1: "READY", 2: "READY"}
+
+
 def test_the_champion_moves_only_to_a_higher_validation_accuracy_once_per_version(tmp_path, capsys):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("x")

@@ -104,12 +104,18 @@ def log_epochs(client: MlflowClient, run_id: str, experiment_id: str, *, metrics
     metrics = list(metrics)
     models = find(client, experiment_id, run_id)
     wanted = sorted({m.step for m in metrics} | set(epochs))
+    # A model found unfinished (a kill or an outage between its steps) may lack its link to the run;
+    # log_outputs adds a link however many there are, so the run's are read first.
+    unfinished = [e for e in wanted if e in models and models[e].status != LoggedModelStatus.READY]
+    links = {o.model_id for o in client.get_run(run_id).outputs.model_outputs} if unfinished else set()
     for epoch in wanted:
+        if epoch in models and (epoch not in unfinished or models[epoch].model_id in links):
+            continue  # there, and linked to the run
         if epoch not in models:
             models[epoch] = client.create_logged_model(
                 experiment_id, name=model_name(epoch), source_run_id=run_id, params={"epoch": str(epoch)},
                 model_type=CHECKPOINT_TYPE)
-            client.log_outputs(run_id, [LoggedModelOutput(models[epoch].model_id, step=epoch)])
+        client.log_outputs(run_id, [LoggedModelOutput(models[epoch].model_id, step=epoch)])
     linked = [_linked(m, models[m.step].model_id, datasets or {}) for m in metrics]
     if only_missing:
         have = {(m.key, m.step, m.value) for key in {m.key for m in linked}
