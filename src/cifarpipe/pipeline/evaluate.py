@@ -66,10 +66,7 @@ def main(paths: EvaluatePaths, params_path: Path) -> int:
 def existing_store_client() -> MlflowClient | None:
     """The store's client, or None for a SQLite store whose file is missing: MLflow's client would
     create an empty store there, and log_evaluation says what is missing instead."""
-    uri = store.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return None
-    return store.store_client()
+    return None if store.missing_store_file(store.tracking_uri()) else store.store_client()
 
 
 def evaluate_test_set(paths: EvaluatePaths, params: Params, device: torch.device

@@ -210,10 +210,14 @@ def connect() -> MlflowClient:
 def require_store_file(uri: str, hint: str) -> None:
     """A reading command on a SQLite store that isn't there: MLflow would create an empty one; say
     what is missing instead."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        if not db.is_file():
-            raise UserError(f"no MLflow store at {db} ({uri}): {hint}")
+    if db := missing_store_file(uri):
+        raise UserError(f"no MLflow store at {db} ({uri}): {hint}")
+
+
+def missing_store_file(uri: str) -> Path | None:
+    """The file of a SQLite store that isn't there (MLflow's client would create an empty one), else None."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    return db if uri.startswith("sqlite:///") and not db.is_file() else None
 
 
 def uri_of(client: MlflowClient) -> str:
