@@ -21,7 +21,8 @@ from conftest import checkpoint_models, git_commit, kept_checkpoints, make_proje
 from cifarpipe import model_card
 from cifarpipe.tracking import checkpoints, registry
 from cifarpipe.tracking.job import open_run
-from cifarpipe.tracking.journal import Journal, deliver
+from cifarpipe.tracking.delivery import deliver
+from cifarpipe.tracking.journal import Journal
 from cifarpipe.tracking.run import EPOCH_METRICS
 
 EPOCHS = 3

@@ -15,7 +15,8 @@ from cifarpipe.training import checkpoint
 from cifarpipe.config import UserError
 from cifarpipe.tracking import model
 from cifarpipe.tracking.job import open_run
-from cifarpipe.tracking.journal import Journal, deliver
+from cifarpipe.tracking.delivery import deliver
+from cifarpipe.tracking.journal import Journal
 
 
 class FlakyClient:

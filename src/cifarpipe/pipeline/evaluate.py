@@ -6,7 +6,11 @@ of pending deliveries (outputs/mlflow_pending.json), together with whatever `tra
 deliver. If the store does not take everything, the stage exits 3 with one line: DVC then reruns
 it (seconds) on the next `dvc repro`, which delivers the rest. If the training run was logged
 with other `evaluate.*` params, the evaluation goes into a run of its own nested under it (see
-tracking.journal).
+tracking.delivery).
+
+MLflow is imported in a background thread, never at the top of this module: `import mlflow` and
+its SQLite store take about 2 s on a 2-core CPU, which overlap with loading the test images and
+running the model instead of coming before them.
 """
 from __future__ import annotations
 
@@ -16,19 +20,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic, faults, report
 from cifarpipe.config import ModelParams, Params, UserError, flatten, load_params
 from cifarpipe.data import archive
 from cifarpipe.data.batches import DeviceBatches
 from cifarpipe.pipeline.phases import Phases, timed
+from cifarpipe.tracking.journal import Journal, journal_path
 from cifarpipe.training import checkpoint, engine
-from cifarpipe.tracking import store
-from cifarpipe.tracking.journal import Journal, deliver, is_deleted, journal_path
 from cifarpipe.training.models import build_model
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 STORE_PENDING_EXIT = 3  # outputs written, MLflow deliveries pending: a failure DVC reruns, not a user error
 
@@ -51,8 +58,8 @@ def main(paths: EvaluatePaths, params_path: Path) -> int:
     device = engine.pick_device(params.train.device)
     journal = Journal(journal_path(paths.run_id))  # an unreadable journal stops the stage before any work
     with ThreadPoolExecutor(1, thread_name_prefix="warm-up") as pool:
-        # MLflow's store client imports its store (SQLAlchemy, alembic: 1.2 s on a 2-core CPU) while
-        # the model evaluates and the reports are drawn.
+        # MLflow and its store's client (SQLAlchemy, alembic) load while the model evaluates and the
+        # reports are drawn: torch's kernels release the GIL, so the imports run on the other core.
         client_ready = pool.submit(timed, existing_store_client, phases.background, "store client")
         test_x, test_y, weights, result = evaluate_test_set(paths, params, device)
         phases.lap("load and evaluate")
@@ -65,7 +72,10 @@ def main(paths: EvaluatePaths, params_path: Path) -> int:
 
 def existing_store_client() -> MlflowClient | None:
     """The store's client, or None for a SQLite store whose file is missing: MLflow's client would
-    create an empty store there, and log_evaluation says what is missing instead."""
+    create an empty store there, and log_evaluation says what is missing instead. The first import
+    of MLflow in this process (see the module's docstring)."""
+    from cifarpipe.tracking import store
+
     return None if store.missing_store_file(store.tracking_uri()) else store.store_client()
 
 
@@ -130,6 +140,9 @@ def log_evaluation(paths: EvaluatePaths, params: Params, result: engine.EvalResu
     deleted run or a dropped evaluation stops the stage (DVC then records nothing) naming where the
     results are, and an unreachable store leaves it pending (STORE_PENDING_EXIT). `per_class`: the
     per-class table's rows, for the model card."""
+    from cifarpipe.tracking import store  # loaded by now (existing_store_client)
+    from cifarpipe.tracking.delivery import deliver, is_deleted
+
     run_id = paths.run_id.read_text().strip()
     outputs = [paths.metrics, paths.per_class, paths.confusion_png, paths.mistakes_png]
     journal.add_evaluation(run_id, flatten(params), {"test_loss": result.loss, "test_accuracy": result.accuracy,

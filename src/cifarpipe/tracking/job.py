@@ -23,7 +23,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from cifarpipe import atomic
 from cifarpipe.config import Params, UserError, flatten
 from cifarpipe.tracking import card, checkpoints, datasets, in_force, model, provenance, record, tensorboard
-from cifarpipe.tracking.journal import Journal, abandon, deliver
+from cifarpipe.tracking.delivery import abandon, deliver
+from cifarpipe.tracking.journal import Journal
 from cifarpipe.tracking.run import EPOCH_METRICS, RunLogger
 from cifarpipe.tracking.store import create_experiment, is_not_found, short_error, tracking_uri, uri_of
 from cifarpipe.tracking.system_metrics import SystemMetrics

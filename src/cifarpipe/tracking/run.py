@@ -20,7 +20,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from cifarpipe.tracking.checkpoints import CheckpointLog
-from cifarpipe.tracking.journal import Journal, deliver
+from cifarpipe.tracking.delivery import deliver
+from cifarpipe.tracking.journal import Journal
 from cifarpipe.tracking.store import MAX_METRICS_PER_CALL, MAX_PARAMS_PER_CALL, uri_of
 from cifarpipe.tracking.system_metrics import SystemMetrics
 
