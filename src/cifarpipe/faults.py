@@ -5,7 +5,8 @@ SIGKILL (no cleanup, no atexit: exactly like `kill -9` or a pre-empted machine) 
 that point; a signal name such as INT or TERM sends that signal instead. Points: `step` (after optimizer step <step> of epoch <epoch>, 1-based),
 `validation` (in the middle of validating epoch <epoch>), `checkpoint_write` (checkpoint
 bytes written to the temporary file, not yet renamed), `after_checkpoint` (checkpoint of
-<epoch> in place, before anything else). Unset (the normal case), it does nothing.
+<epoch> in place, before anything else), `evaluate` (epoch 0: evaluate's outputs partly written),
+`delivery` (epoch 0: evaluate's delivery process, the evaluation journaled, nothing delivered). Unset (the normal case), it does nothing.
 """
 from __future__ import annotations
 

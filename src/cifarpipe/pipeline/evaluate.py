@@ -8,9 +8,9 @@ it (seconds) on the next `dvc repro`, which delivers the rest. If the training r
 with other `evaluate.*` params, the evaluation goes into a run of its own nested under it (see
 tracking.delivery).
 
-MLflow is imported in a background thread, never at the top of this module: `import mlflow` and
-its SQLite store take about 2 s on a 2-core CPU, which overlap with loading the test images and
-running the model instead of coming before them.
+MLflow never loads in this process: the stage script starts tracking.delivery_process before
+it imports torch, and that process imports MLflow and opens the store on the other core (2-3 s on
+a 2-core CPU) while this one loads torch and the test images and runs the model.
 """
 from __future__ import annotations
 
@@ -29,13 +29,11 @@ from cifarpipe import atomic, faults, report
 from cifarpipe.config import ModelParams, Params, UserError, flatten, load_params
 from cifarpipe.data import archive
 from cifarpipe.data.batches import DeviceBatches
-from cifarpipe.pipeline.phases import Phases, timed
+from cifarpipe.pipeline.phases import Phases
+from cifarpipe.tracking.delivery_process import DeliveryFailed, DeliveryProcess
 from cifarpipe.tracking.journal import Journal, journal_path
 from cifarpipe.training import checkpoint, engine
 from cifarpipe.training.models import build_model
-
-if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
 
 STORE_PENDING_EXIT = 3  # outputs written, MLflow deliveries pending: a failure DVC reruns, not a user error
 
@@ -52,31 +50,19 @@ class EvaluatePaths:
     mistakes_png: Path
 
 
-def main(paths: EvaluatePaths, params_path: Path) -> int:
+def main(paths: EvaluatePaths, params_path: Path, delivery: DeliveryProcess) -> int:
+    """The stage; `delivery`, started before this module's imports, has MLflow loaded by the time
+    the outputs are written."""
     phases = Phases("evaluate")
     params = load_params(params_path)
     device = engine.pick_device(params.train.device)
     journal = Journal(journal_path(paths.run_id))  # an unreadable journal stops the stage before any work
-    with ThreadPoolExecutor(1, thread_name_prefix="warm-up") as pool:
-        # MLflow and its store's client (SQLAlchemy, alembic) load while the model evaluates and the
-        # reports are drawn: torch's kernels release the GIL, so the imports run on the other core.
-        client_ready = pool.submit(timed, existing_store_client, phases.background, "store client")
-        test_x, test_y, weights, result = evaluate_test_set(paths, params, device)
-        phases.lap("load and evaluate")
-        per_class = write_reports(paths, weights, test_x, test_y, result, phases)
-        client = client_ready.result()
+    test_x, test_y, weights, result = evaluate_test_set(paths, params, device)
+    phases.lap("load and evaluate")
+    per_class = write_reports(paths, weights, test_x, test_y, result, phases)
 
     # ---- MLflow: train's pending items first (same run, in order), then this evaluation
-    return log_evaluation(paths, params, result, len(test_y), journal, client, phases, per_class)
-
-
-def existing_store_client() -> MlflowClient | None:
-    """The store's client, or None for a SQLite store whose file is missing: MLflow's client would
-    create an empty store there, and log_evaluation says what is missing instead. The first import
-    of MLflow in this process (see the module's docstring)."""
-    from cifarpipe.tracking import store
-
-    return None if store.missing_store_file(store.tracking_uri()) else store.store_client()
+    return log_evaluation(paths, params, result, len(test_y), journal, delivery, phases, per_class)
 
 
 def evaluate_test_set(paths: EvaluatePaths, params: Params, device: torch.device
@@ -133,46 +119,44 @@ def write_reports(paths: EvaluatePaths, weights: dict, test_x: np.ndarray, test_
 
 
 def log_evaluation(paths: EvaluatePaths, params: Params, result: engine.EvalResult, n_test: int,
-                   journal: Journal, client: MlflowClient | None, phases: Phases,
+                   journal: Journal, delivery: DeliveryProcess, phases: Phases,
                    per_class: list[dict] | None = None) -> int:
-    """Deliver the evaluation into the training's MLflow run (or its nested evaluation run); the
-    stage's exit status. Says "logged" only for what the store took: a store file that is gone, a
-    deleted run or a dropped evaluation stops the stage (DVC then records nothing) naming where the
-    results are, and an unreachable store leaves it pending (STORE_PENDING_EXIT). `per_class`: the
-    per-class table's rows, for the model card."""
-    from cifarpipe.tracking import store  # loaded by now (existing_store_client)
-    from cifarpipe.tracking.delivery import deliver, is_deleted
-
+    """Journal the evaluation and have `delivery` deliver it into the training's MLflow run (or its
+    nested evaluation run); the stage's exit status. Says "logged" only for what the store took: a
+    store file that is gone, a deleted run or a dropped evaluation stops the stage (DVC then records
+    nothing) naming where the results are, and an unreachable store leaves it pending
+    (STORE_PENDING_EXIT). `per_class`: the per-class table's rows, for the model card."""
     run_id = paths.run_id.read_text().strip()
     outputs = [paths.metrics, paths.per_class, paths.confusion_png, paths.mistakes_png]
     journal.add_evaluation(run_id, flatten(params), {"test_loss": result.loss, "test_accuracy": result.accuracy,
                                                      **phases.metrics()}, outputs, n_test=n_test,
                            per_class=per_class)
-    item = journal.items[-1]
     where = f"its results are in {', '.join(str(p) for p in outputs)}, and it waits in {journal.path}"
-    uri = store.tracking_uri()
-    # MLflow would create an empty store here and then drop the evaluation for want of its run.
-    store.require_store_file(uri, f"training run {run_id} ({paths.run_id}) was logged to a store there, which was "
-                                  f"moved or deleted. Nothing was logged: {where}. Put the store back and run `dvc repro`")
-    client = client or store.store_client()  # None only when the file was missing a moment ago
-    if is_deleted(client, run_id):
+    try:
+        answer = delivery.deliver(journal.path, run_id)
+    except DeliveryFailed as e:
+        print(f"error: {e}: outputs written, {where}; run `dvc repro` to deliver it", file=sys.stderr)
+        return STORE_PENDING_EXIT
+    phases.background["store client"] = answer.ready_seconds
+    phases.lap("deliver")
+    print(phases.report(), flush=True)
+    uri = answer.uri
+    if answer.missing_store:  # MLflow would have created an empty store there and dropped the evaluation
+        raise UserError(f"no MLflow store at {answer.missing_store} ({uri}): training run {run_id} ({paths.run_id}) "
+                        f"was logged to a store there, which was moved or deleted. Nothing was logged: {where}. Put "
+                        "the store back and run `dvc repro`")
+    if answer.deleted:
         raise UserError(f"MLflow run {run_id} ({paths.run_id}) is deleted in {uri}, so its evaluation was not logged: "
                         f"{where}. Restore it (`mlflow runs restore --run-id {run_id}`) and run `dvc repro`, or "
                         "train again (`dvc repro --force train`)")
-    left = deliver(client, journal, log=lambda msg: None)
-    phases.lap("deliver")
-    print(phases.report(), flush=True)
-    why = next((why for it, why in journal.dropped if it is item), None)
-    if why is not None:
-        raise UserError(f"MLflow did not take the evaluation of run {run_id} ({why}): nothing of it was logged; "
-                        f"its results are in {', '.join(str(p) for p in outputs)}")
-    if left:
-        error = next(iter(journal.errors.values()), "")
-        print(f"error: MLflow store {uri} unreachable ({error}): outputs written, {left} item(s) "
+    if answer.dropped is not None:
+        raise UserError(f"MLflow did not take the evaluation of run {run_id} ({answer.dropped}): nothing of it was "
+                        f"logged; its results are in {', '.join(str(p) for p in outputs)}")
+    if answer.left:
+        print(f"error: MLflow store {uri} unreachable ({answer.error}): outputs written, {answer.left} item(s) "
               f"pending in {journal.path}; run `dvc repro` when it answers", file=sys.stderr)
         return STORE_PENDING_EXIT
-    target = item.get("delivered_to", run_id)
-    versions = item.get("versions") or []
+    target, versions = answer.delivered_to, answer.versions
     print(f"logged to MLflow ({uri}): " + (f"training run {run_id}" if target == run_id else
                                           f"run {target}, nested under training run {run_id} (other evaluate params)")
           + (f"; test_accuracy tagged on version {', '.join(map(str, versions))} of "

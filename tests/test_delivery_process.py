@@ -1,0 +1,58 @@
+"""Evaluate's MLflow delivery runs in a process of its own (tracking.delivery_process): what happens
+when that process dies, and that it never outlives a stage that died."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from conftest import run
+from cifarpipe.tracking.journal import JOURNAL_NAME
+
+
+def test_a_delivery_process_killed_leaves_the_evaluation_pending_and_the_next_repro_delivers_it(project):
+    run(["dvc", "repro", "train"], project)
+    run_id = (project / "outputs/run_id.txt").read_text().strip()
+    killed = run(["dvc", "repro"], project, env={"CIFARPIPE_FAULT": "delivery:0"}, check=False)
+    assert killed.returncode != 0 and "logged to MLflow" not in killed.stdout
+    assert "the MLflow delivery process exited with status -9 before answering" in killed.stderr
+    assert f"it waits in outputs/{JOURNAL_NAME}" in killed.stderr
+    pending = json.loads((project / "outputs" / JOURNAL_NAME).read_text())["items"]
+    assert [(it["kind"], it["run_id"]) for it in pending] == [("evaluation", run_id)]
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert "test_accuracy" not in client.get_run(run_id).data.metrics  # nothing of it reached the run
+
+    delivered = run(["dvc", "repro"], project)
+    assert f"logged to MLflow (sqlite:///{project / 'mlflow.db'}): training run {run_id}" in delivered.stdout
+    assert client.get_run(run_id).data.metrics["test_accuracy"] == json.loads(
+        (project / "outputs/metrics.json").read_text())["accuracy"]
+    assert not (project / "outputs" / JOURNAL_NAME).exists()
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (exited, not yet reaped by whoever adopted it) is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_delivery_process_exits_when_its_stage_is_killed(tmp_path):
+    """The stage starts the process before anything else; a stage SIGKILLed before it asks for the
+    delivery must not leave it waiting forever."""
+    code = ("import os, signal\n"
+            "from cifarpipe.tracking.delivery_process import DeliveryProcess\n"
+            "d = DeliveryProcess()\n"
+            "print(d.proc.pid, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    stage = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert stage.returncode == -9
+    child = int(stage.stdout.split()[0])
+    deadline = time.monotonic() + 60  # it imports MLflow first (seconds), then reads end-of-file
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child)
+    assert not (tmp_path / "mlflow.db").exists()  # it delivered nothing and made no store
