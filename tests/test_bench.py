@@ -15,6 +15,7 @@ BENCH = [sys.executable, str(REPO / "benchmarks" / "bench.py")]
 SWEEP = ["train.batch_size=64 train.optimizer.lr=0.003", "train.batch_size=128 train.optimizer.lr=0.001"]
 
 
+@pytest.mark.slow  # a benchmark's harness, not the pipeline
 def test_the_benchmark_runs_every_configuration_and_reports_them(tmp_path, tiny_archive):
     archive, _ = tiny_archive
     out = tmp_path / "bench.json"

@@ -72,6 +72,7 @@ def test_two_processes_train_one_run_like_one_process(seed, tmp_path):
     assert all(torch.allclose(w2[k], w1[k], rtol=1e-3, atol=1e-5) for k in w1)
 
 
+@pytest.mark.slow  # the default run keeps two processes against one, and the resume tests
 def test_a_checkpoint_resumes_across_world_sizes_in_the_same_run(seed, tmp_path):
     """Stopped in 2 processes by a SIGTERM that reaches one of them, resumed in 1 process and stopped
     again mid-epoch, finished in 2 (resuming mid-epoch): one MLflow run, every epoch logged once,
@@ -219,6 +220,7 @@ def test_kill_9_of_torchrun_takes_its_workers_down_and_the_rerun_finishes_the_sa
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
 
 
+@pytest.mark.slow  # test_resume's SIGINT test covers the stop at a safe point in the default run
 def test_sigterm_to_the_stage_stops_every_process_at_a_checkpoint_with_status_143(seed, tmp_path):
     """What `dvc` or a batch system does: SIGTERM to the stage's process (torchrun's), which forwards
     it to the workers; they checkpoint and the stage exits as one process would."""

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from mlflow.entities import Metric
@@ -125,6 +126,7 @@ def test_gc_removes_only_what_no_job_run_or_commit_needs(project):
     assert not (low_dir / "artifacts").exists()  # the soft-deleted checkpoint model's files, gone for good
 
 
+@pytest.mark.slow  # the default run keeps the main gc test above
 def test_gc_keeps_a_job_that_only_a_run_reusing_its_weights_needs(project):
     """`dvc exp run -S evaluate.weights=last` on a finished job trains nothing and records itself in
     a run of its own (tag reuses_run); the commit of that state names that run, not the job's."""

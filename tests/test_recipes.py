@@ -192,6 +192,7 @@ def test_mlflow_run_refuses_a_parameter_its_recipe_would_override(tmp_path):
     assert proc.returncode == 2 and "valid: air, course, fast, gpu, sgd" in proc.stderr
 
 
+@pytest.mark.slow  # a benchmark's harness, not the pipeline
 def test_bench_takes_a_recipe_as_the_base_of_its_configurations(tmp_path, tiny_archive):
     archive, _ = tiny_archive
     bench = [sys.executable, str(BENCH), "--archive", str(archive), "--params", str(REPO / "params.yaml"),

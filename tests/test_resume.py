@@ -142,9 +142,10 @@ def assert_killed_where_said(project: Path, fault: str, killed) -> None:
         assert not ckpt["complete"]
 
 
-# Three of the eight moments run with `pytest -m slow` only (the default run stays near 10 minutes):
-# each neighbours a moment that stays (validation ~ step, the first checkpoint ~ the last one).
-SLOW_FAULTS = {"validation:2", "after_checkpoint:1", "evaluate:0"}
+# Five of the eight moments run with `pytest -m slow` only (the default run stays near 10 minutes):
+# each neighbours a moment that stays (before the first checkpoint and validation ~ inside epoch 2,
+# after a checkpoint ~ after the final outputs, evaluate ~ tests/test_delivery_process.py).
+SLOW_FAULTS = {"step:1:3", "validation:2", "after_checkpoint:1", f"after_checkpoint:{EPOCHS}", "evaluate:0"}
 
 
 @pytest.mark.parametrize("fault", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAULTS else f for f in FAULTS])
@@ -199,6 +200,7 @@ def test_a_resume_with_other_evaluate_params_records_them_and_its_evaluation_lan
     assert float(version.tags["test_accuracy"]) == round(accuracy, 4)
 
 
+@pytest.mark.slow  # every kill test compares with an uninterrupted run bit for bit, which needs the same
 def test_two_fresh_runs_give_identical_results(baseline, tmp_path):
     seed, done = baseline
     project = fresh_copy(seed, tmp_path / "p")
@@ -265,6 +267,7 @@ def test_every_epoch_trains_on_full_batches_only(baseline):
     assert (correct - correct.round()).abs().max() < 1e-6, correct.tolist()
 
 
+@pytest.mark.slow  # the default run keeps test_with_no_readable_checkpoint_left_training_starts_fresh
 def test_an_unreadable_last_checkpoint_is_set_aside_and_training_resumes_from_best(baseline, tmp_path):
     """A truncated last.pt (a partial copy, a disk fault) must not block `dvc repro` forever: it is
     kept under another name, and training resumes from best.pt, here an older one (epoch 1 of a

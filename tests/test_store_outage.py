@@ -167,6 +167,7 @@ def all_runs(client: MlflowClient):
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+@pytest.mark.slow  # test_resume's unreachable-store test covers the stop before training in the default run
 def test_an_outage_while_resuming_stops_before_training_and_never_splits_the_run(project, mlflow_server):
     set_params(project, **{"train.epochs": 2})
     run(["dvc", "repro", "split"], project)

@@ -90,6 +90,7 @@ def status_without_credentials(url: str) -> int:
         return e.code
 
 
+@pytest.mark.slow  # a full pipeline through a server: test_store_outage's real server covers HTTP in the default run
 def test_the_pipeline_logs_everything_through_an_authenticated_team_server(project, tmp_path):
     with team_server(tmp_path / "server", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}") as url:
         check_team_server(project, tmp_path / "server", url)

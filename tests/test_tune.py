@@ -100,6 +100,7 @@ def test_a_search_prunes_nests_continues_and_its_winner_reproduces_through_dvc_e
         assert reproduced[key].tolist() == history(client, best.info.run_id, key), key
 
 
+@pytest.mark.slow  # the default run keeps the main search test
 def test_a_trial_killed_with_its_command_is_tried_again_when_the_command_is_rerun(data_ready):
     project = data_ready
     space = write_space(project, "killed", trials=2, epochs=3)
@@ -207,6 +208,7 @@ def test_a_trials_value_is_the_accuracy_of_the_weights_the_pipeline_keeps():
     assert tuning.trial_value([0.5, 0.7, 0.6], "last") == 0.6
 
 
+@pytest.mark.slow  # test_weights_and_stopping covers early stopping in the default run
 def test_early_stopping_ends_a_trial_as_complete_not_pruned(data_ready):
     """train.early_stopping (patience 1, an improvement of more than 0.9 needed) stops every trial
     after epoch 2, as it would stop the train stage: the trial is complete with 2 epochs."""
