@@ -14,8 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
+
+from cifarpipe.config import ModelParams
+from cifarpipe.training.models import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cifar_archive import build_archive  # noqa: E402
@@ -132,6 +137,43 @@ def make_project(dest: Path, archive: Path, md5: str, server: Server) -> Path:
     run(["git", "init", "-q"], dest)
     git_commit(dest, "project copy")
     return dest
+
+
+def reproduced_project(root: Path, archive: tuple[Path, str], **params) -> Path:
+    """A project copy under `root` after `dvc repro`, the tiny archive served while it downloads;
+    `params`: dotted values set (set_params) and committed first."""
+    with serve_folder(root / "www") as server:
+        project = make_project(root / "project", *archive, server)
+        if params:
+            set_params(project, **params)
+            git_commit(project, "test params")
+        run(["dvc", "repro"], project)
+    return project
+
+
+def evaluation_images(project: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The project's test images (uint8 NHWC) and labels, from the download stage's arrays."""
+    with np.load(project / "data/cifar10.npz") as z:
+        return z["test_images"], z["test_labels"]
+
+
+def textbook_logits(project: Path, images: np.ndarray) -> tuple[torch.Tensor, list[str]]:
+    """The network from outputs/model.pt on (x / 255 - mean) / std, the textbook normalisation
+    written here independently of the library's; and the class names."""
+    weights = torch.load(project / "outputs/model.pt", weights_only=True)
+    model = build_model(ModelParams(**weights["model"]))
+    model.load_state_dict(weights["state_dict"])
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(weights["mean"]).view(1, 3, 1, 1)) / torch.tensor(weights["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model.eval()(x), weights["classes"]
+
+
+def use_store_of(project: Path, monkeypatch) -> Path:
+    """Work in `project` with its MLflow store, as a user of it would (cwd and MLFLOW_TRACKING_URI)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    monkeypatch.chdir(project)
+    return project
 
 
 @pytest.fixture

@@ -10,46 +10,30 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime
-import pandas as pd
 import pytest
 import torch
 
-from conftest import make_project, run, serve_folder
+from conftest import evaluation_images, reproduced_project, textbook_logits, use_store_of
 from cifarpipe.commands import export as export_command
-from cifarpipe.config import ModelParams, UserError
+from cifarpipe.config import UserError
 from cifarpipe.serving import export
 from cifarpipe.serving.inference import Classifier
-from cifarpipe.training.models import build_model
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_archive):
-    root = tmp_path_factory.mktemp("export")
-    with serve_folder(root / "www") as server:
-        project = make_project(root / "project", *tiny_archive, server)
-        run(["dvc", "repro"], project)
-    with np.load(project / "data/cifar10.npz") as z:
-        images, labels = z["test_images"], z["test_labels"]
+    project = reproduced_project(tmp_path_factory.mktemp("export"), tiny_archive)
+    images, labels = evaluation_images(project)
     return project, (project / "outputs/run_id.txt").read_text().strip(), images, labels
 
 
 @pytest.fixture
 def in_project(trained, monkeypatch):
-    project = trained[0]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    monkeypatch.chdir(project)
-    return project
+    return use_store_of(trained[0], monkeypatch)
 
 
 def textbook_probabilities(project: Path, images: np.ndarray) -> np.ndarray:
-    """The network from outputs/model.pt on (x / 255 - mean) / std, written here independently."""
-    weights = torch.load(project / "outputs/model.pt", weights_only=True)
-    model = build_model(ModelParams(**weights["model"]))
-    model.load_state_dict(weights["state_dict"])
-    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(weights["mean"]).view(1, 3, 1, 1)) / torch.tensor(weights["std"]).view(1, 3, 1, 1)
-    with torch.no_grad():
-        return torch.softmax(model.eval()(x), 1).numpy()
+    return torch.softmax(textbook_logits(project, images)[0], 1).numpy()
 
 
 def test_onnx_of_the_weights_file_runs_in_onnxruntime_with_any_batch_and_gives_the_models_probabilities(

@@ -17,7 +17,7 @@ import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from conftest import checkpoint_models, git_commit, kept_checkpoints, make_project, run, serve_folder, set_params
+from conftest import kept_checkpoints, reproduced_project, run
 from cifarpipe import model_card
 from cifarpipe.tracking import checkpoints, registry
 from cifarpipe.tracking.job import open_run
@@ -32,12 +32,7 @@ MODEL = "cifar10-classifier"  # params.yaml's tracking.registered_model
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_archive):
     """A finished run (`dvc repro`, 3 epochs) in a project copy; the slow test adds a second."""
-    root = tmp_path_factory.mktemp("logged_models")
-    with serve_folder(root / "www") as server:
-        project = make_project(root / "project", *tiny_archive, server)
-        set_params(project, **{"train.epochs": EPOCHS})
-        git_commit(project, f"{EPOCHS} epochs")
-        run(["dvc", "repro"], project)
+    project = reproduced_project(tmp_path_factory.mktemp("logged_models"), tiny_archive, **{"train.epochs": EPOCHS})
     first = (project / "outputs/run_id.txt").read_text().strip()
     return project, MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), [first]
 

@@ -26,11 +26,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BIN, REPO, make_project, run, serve_folder
+from conftest import BIN, REPO, evaluation_images, reproduced_project, run, textbook_logits, use_store_of
 from cifarpipe.commands import predict
 from cifarpipe.serving import inference
-from cifarpipe.config import ModelParams, UserError
-from cifarpipe.training.models import build_model
+from cifarpipe.config import UserError
 
 MODEL = "cifar10-classifier"  # params.yaml's tracking.registered_model
 
@@ -38,12 +37,8 @@ MODEL = "cifar10-classifier"  # params.yaml's tracking.registered_model
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_archive):
     """A tiny project after `dvc repro`: its run id, test images and labels, and evaluate's predicted classes."""
-    root = tmp_path_factory.mktemp("predict")
-    with serve_folder(root / "www") as server:
-        project = make_project(root / "project", *tiny_archive, server)
-        run(["dvc", "repro"], project)
-    with np.load(project / "data/cifar10.npz") as z:
-        images, labels = z["test_images"], z["test_labels"]
+    project = reproduced_project(tmp_path_factory.mktemp("predict"), tiny_archive)
+    images, labels = evaluation_images(project)
     evaluated = pd.read_csv(project / "outputs/confusion.csv")["predicted"].to_numpy()  # one row per test image
     run_id = (project / "outputs/run_id.txt").read_text().strip()
     return project, run_id, images, labels, evaluated
@@ -51,27 +46,12 @@ def trained(tmp_path_factory, tiny_archive):
 
 @pytest.fixture
 def store(trained, monkeypatch):
-    project = trained[0]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    monkeypatch.chdir(project)
-    return project
-
-
-def network_probabilities(project: Path, images: np.ndarray) -> tuple[torch.Tensor, list[str]]:
-    """The network from outputs/model.pt on (x / 255 - mean) / std: the textbook normalisation,
-    written here independently of the library's."""
-    weights = torch.load(project / "outputs/model.pt", weights_only=True)
-    model = build_model(ModelParams(**weights["model"]))
-    model.load_state_dict(weights["state_dict"])
-    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(weights["mean"]).view(1, 3, 1, 1)) / torch.tensor(weights["std"]).view(1, 3, 1, 1)
-    with torch.no_grad():
-        return model.eval()(x), weights["classes"]
+    return use_store_of(trained[0], monkeypatch)
 
 
 def test_the_mlflow_model_takes_uint8_images_and_gives_the_networks_classes_and_probabilities(trained, store):
     project, run_id, images, labels, evaluated = trained
-    logits, classes = network_probabilities(project, images)
+    logits, classes = textbook_logits(project, images)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     out = model.predict(images)  # uint8 (100, 32, 32, 3), as the archive holds them
 
@@ -228,7 +208,7 @@ def test_predict_classifies_files_reports_bad_ones_and_writes_csv(trained, tmp_p
     # The photo: independently cropped and resized with Pillow, then the network.
     with Image.open(tmp_path / "photo.jpg") as im:
         square = np.asarray(im.convert("RGB").crop((20, 0, 148, 128)).resize((32, 32), Image.Resampling.BILINEAR))
-    logits, classes = network_probabilities(project, square[None])
+    logits, classes = textbook_logits(project, square[None])
     row = good.set_index("file").loc["photo.jpg"]
     assert np.abs(row[[f"prob_{c}" for c in classes]].to_numpy(float) - torch.softmax(logits, 1).numpy()[0]).max() < 1e-5
 
@@ -243,8 +223,8 @@ def test_a_16_bit_greyscale_png_is_classified_as_its_8_bit_picture_not_as_white(
     Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "white.png")
     with Image.open(tmp_path / "grey16.png") as im:
         assert im.mode.startswith("I;16")  # the case at hand, as Pillow opens it
-    proc = run([sys.executable, "-m", "cifarpipe.commands.predict", "grey16.png", "grey8.png", "white.png",
-                "--model", str(project / "outputs/model.pt"), "--csv", "out.csv"], tmp_path)
+    run([sys.executable, "-m", "cifarpipe.commands.predict", "grey16.png", "grey8.png", "white.png",
+            "--model", str(project / "outputs/model.pt"), "--csv", "out.csv"], tmp_path)
     rows = pd.read_csv(tmp_path / "out.csv").set_index("file")
     probs = rows[[c for c in rows.columns if c.startswith("prob_")]]
     assert np.abs(probs.loc["grey16.png"].to_numpy(float) - probs.loc["grey8.png"].to_numpy(float)).max() < 1e-6
