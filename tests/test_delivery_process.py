@@ -11,7 +11,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from conftest import run
-from cifarpipe.tracking.journal import JOURNAL_NAME
+from cifarpipe.tracking.journal import JOURNAL_NAME, Journal
 
 
 def test_a_delivery_process_killed_leaves_the_evaluation_pending_and_the_next_repro_delivers_it(project):
@@ -56,3 +56,32 @@ def test_the_delivery_process_exits_when_its_stage_is_killed(tmp_path):
         time.sleep(0.2)
     assert not _alive(child)
     assert not (tmp_path / "mlflow.db").exists()  # it delivered nothing and made no store
+
+
+def test_the_delivery_process_dies_with_its_stage_also_after_the_request(tmp_path):
+    """A stage killed once its request is sent: the delivery process must not go on delivering behind
+    it (a rerun of the stage would deliver the same journal at the same time); the evaluation stays
+    pending, for the rerun."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run("0").info.run_id
+    (tmp_path / "metrics.json").write_text("{}\n")
+    journal = Journal(tmp_path / JOURNAL_NAME)
+    journal.add_evaluation(run_id, {"data.url": "file:///x", "data.md5": "0"}, {"test_accuracy": 0.5, "test_loss": 1.0},
+                           [tmp_path / "metrics.json"])
+    code = ("import json, os, signal, sys\n"
+            "from cifarpipe.tracking.delivery_process import DeliveryProcess\n"
+            "d = DeliveryProcess()\n"
+            "d.proc.stdin.write(json.dumps({'journal': sys.argv[1], 'run_id': sys.argv[2]}) + '\\n')\n"
+            "d.proc.stdin.flush()\n"
+            "print(d.proc.pid, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    stage = subprocess.run([sys.executable, "-c", code, str(journal.path), run_id], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert stage.returncode == -9
+    child = int(stage.stdout.split()[0])
+    deadline = time.monotonic() + 60
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child)
+    assert "test_accuracy" not in client.get_run(run_id).data.metrics, stage.stderr[-2000:]
+    assert [it["kind"] for it in Journal(journal.path).items] == ["evaluation"]

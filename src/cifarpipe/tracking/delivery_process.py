@@ -10,15 +10,20 @@ Protocol: one JSON line each way, the request on the child's stdin ({"journal": 
 "run_id": id}), the answer (`Answer`) on a pipe of its own; the child's stdout and stderr are the
 stage's, so what delivery and MLflow print shows as before. The child looks up the store, checks
 it and the run, and delivers the journal (tracking.delivery); the stage turns the facts it
-returns into messages and an exit status. A stage that dies closes the pipe: the child reads
-end-of-file and exits without delivering anything.
+returns into messages and an exit status. The child never outlives the stage: on Linux the kernel
+kills it when the stage dies (PR_SET_PDEATHSIG), also in the middle of a delivery (each step is
+idempotent, the journal rewritten atomically: what is left stays pending for the rerun, which
+would otherwise deliver the same journal at the same time); elsewhere a stage that dies before
+its request closes the pipe, and the child reads end-of-file and exits without delivering.
 
 This module imports no MLflow at its top: the stage imports it for `DeliveryProcess`.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,7 +63,8 @@ class DeliveryProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         read_end, write_end = os.pipe()
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", __name__, str(write_end)], stdin=subprocess.PIPE,
+            self.proc = subprocess.Popen([sys.executable, "-m", __name__, str(write_end), str(os.getpid())],
+                                         stdin=subprocess.PIPE,
                                          env=env, text=True, pass_fds=(write_end,))
         except BaseException:
             os.close(read_end)
@@ -94,6 +100,17 @@ class DeliveryProcess:
         self.close()
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with(stage_pid: int) -> None:
+    """SIGKILL this process when the stage that started it dies (Linux), and exit now if it is gone already."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != stage_pid:  # it died before the line above took effect
+        os._exit(0)
+
+
 def serve(answer_fd: int) -> int:
     """The child: import MLflow and make the store's client, then answer one request."""
     t0 = time.perf_counter()
@@ -127,6 +144,7 @@ def serve(answer_fd: int) -> int:
 
 
 if __name__ == "__main__":
+    die_with(int(sys.argv[2]))
     code = serve(int(sys.argv[1]))
     sys.stdout.flush()
     sys.stderr.flush()
