@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import run
+from cifarpipe.tracking.delivery_process import DeliveryFailed, DeliveryProcess
 from cifarpipe.tracking.journal import JOURNAL_NAME, Journal
 
 
@@ -19,7 +21,7 @@ def test_a_delivery_process_killed_leaves_the_evaluation_pending_and_the_next_re
     run_id = (project / "outputs/run_id.txt").read_text().strip()
     killed = run(["dvc", "repro"], project, env={"CIFARPIPE_FAULT": "delivery:0"}, check=False)
     assert killed.returncode != 0 and "logged to MLflow" not in killed.stdout
-    assert "the MLflow delivery process exited with status -9 before answering" in killed.stderr
+    assert "the MLflow delivery process was killed by signal 9 before answering" in killed.stderr
     assert f"it waits in outputs/{JOURNAL_NAME}" in killed.stderr
     pending = json.loads((project / "outputs" / JOURNAL_NAME).read_text())["items"]
     assert [(it["kind"], it["run_id"]) for it in pending] == [("evaluation", run_id)]
@@ -85,3 +87,14 @@ def test_the_delivery_process_dies_with_its_stage_also_after_the_request(tmp_pat
     assert not _alive(child)
     assert "test_accuracy" not in client.get_run(run_id).data.metrics, stage.stderr[-2000:]
     assert [it["kind"] for it in Journal(journal.path).items] == ["evaluation"]
+
+
+def test_a_delivery_process_that_fails_says_so_and_is_not_taken_for_an_outage(tmp_path, monkeypatch):
+    """A store MLflow cannot use makes the child fail on its own: the stage must say that it failed
+    (exit 1, its error above), not that the delivery merely waits for the store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")
+    monkeypatch.chdir(tmp_path)
+    with DeliveryProcess() as delivery, pytest.raises(DeliveryFailed) as failed:
+        delivery.deliver(tmp_path / JOURNAL_NAME, "0" * 32)
+    assert not failed.value.killed
+    assert "the MLflow delivery process failed with exit status 1 (its error is above)" in str(failed.value)

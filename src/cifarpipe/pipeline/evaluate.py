@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -134,9 +131,10 @@ def log_evaluation(paths: EvaluatePaths, params: Params, result: engine.EvalResu
     where = f"its results are in {', '.join(str(p) for p in outputs)}, and it waits in {journal.path}"
     try:
         answer = delivery.deliver(journal.path, run_id)
-    except DeliveryFailed as e:
-        print(f"error: {e}: outputs written, {where}; run `dvc repro` to deliver it", file=sys.stderr)
-        return STORE_PENDING_EXIT
+    except DeliveryFailed as e:  # killed: pending like an outage; an error of its own: a failure as any other
+        print(f"error: {e}: outputs written, {where}; " + ("run `dvc repro` to deliver it" if e.killed else
+                                                             "mend that, then run `dvc repro`"), file=sys.stderr)
+        return STORE_PENDING_EXIT if e.killed else 1
     phases.background["store client"] = answer.ready_seconds
     phases.lap("deliver")
     print(phases.report(), flush=True)

@@ -49,7 +49,13 @@ class Answer:
 
 
 class DeliveryFailed(RuntimeError):
-    pass
+    """The child ended without an answer: `killed` by a signal (nothing wrong with the setup: a rerun
+    delivers), or failed with an error of its own, printed on the stage's stderr."""
+
+    def __init__(self, status: int) -> None:
+        self.killed = status < 0
+        how = f"was killed by signal {-status}" if self.killed else f"failed with exit status {status} (its error is above)"
+        super().__init__(f"the MLflow delivery process {how} before answering")
 
 
 class DeliveryProcess:
@@ -83,7 +89,7 @@ class DeliveryProcess:
         line = self.answers.readline()
         status = self.proc.wait()
         if not line:
-            raise DeliveryFailed(f"the MLflow delivery process exited with status {status} before answering")
+            raise DeliveryFailed(status)
         return Answer(**json.loads(line))
 
     def close(self) -> None:
@@ -145,6 +151,7 @@ def serve(answer_fd: int) -> int:
 
 if __name__ == "__main__":
     die_with(int(sys.argv[2]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the stage's to handle: it ends this process
     code = serve(int(sys.argv[1]))
     sys.stdout.flush()
     sys.stderr.flush()
