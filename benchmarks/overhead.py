@@ -237,36 +237,28 @@ def prepare(args, work: Path, env: dict[str, str], dvc: list[str]) -> tuple[Path
     return ws, commit, info
 
 
-def one_stage(stage: str, ws: Path, env: dict[str, str], dvc: list[str], logs: Path, tag: str) -> dict:
+def repro(stages: list[str], ws: Path, env: dict[str, str], dvc: list[str], logs: Path, tag: str
+          ) -> tuple[float, dict[str, dict]]:
+    """One `dvc repro --force --single-item <stages>`: its wall seconds, and per stage the figures
+    of its command's own process and its phase line. A single stage's row also has the command's
+    wall and CPU and DVC's share (wall_s, cpu_s, dvc_s); with several those stay None, DVC's own
+    time not being split between the stages."""
     stage_log = Path(env["OVERHEAD_STAGE_LOG"])
     stage_log.write_text("")
-    wall, cpu, output, rc = run([*dvc, "repro", "--force", "--single-item", stage], ws, env,
-                                log=logs / f"{tag}_{stage}.log", check=False)
+    log = logs / f"{tag}_{'_'.join(stages)}.log"
+    wall, cpu, output, rc = run([*dvc, "repro", "--force", "--single-item", *stages], ws, env, log=log, check=False)
     if rc:
-        sys.exit(f"dvc repro {stage} failed (exit {rc}); see {logs / f'{tag}_{stage}.log'}:\n{output[-3000:]}")
-    proc = read_stage_log(stage_log).get(stage, {})
-    row = {"wall_s": wall, "cpu_s": cpu, "proc_wall_s": proc.get("wall_s"), "proc_cpu_s": proc.get("cpu_s"),
-           "phases": collect_phases(output, stage)}
-    row["dvc_s"] = wall - row["proc_wall_s"] if row["proc_wall_s"] is not None else None
-    return row
-
-
-def both_stages(ws: Path, env: dict[str, str], dvc: list[str], logs: Path, tag: str) -> tuple[float, dict, dict]:
-    """One `dvc repro` of train and evaluate: its wall seconds, and each stage's figures as one_stage
-    gives them (wall_s and dvc_s None: DVC's own time is not split between the stages)."""
-    stage_log = Path(env["OVERHEAD_STAGE_LOG"])
-    stage_log.write_text("")
-    wall, cpu, output, rc = run([*dvc, "repro", "--force", "--single-item", "train", "evaluate"], ws, env,
-                                log=logs / f"{tag}_repro.log", check=False)
-    if rc:
-        sys.exit(f"dvc repro train evaluate failed (exit {rc}); see {logs / f'{tag}_repro.log'}:\n{output[-3000:]}")
-    procs = read_stage_log(stage_log)
-    rows = {}
-    for stage in ("train", "evaluate"):
+        sys.exit(f"dvc repro {' '.join(stages)} failed (exit {rc}); see {log}:\n{output[-3000:]}")
+    procs, rows = read_stage_log(stage_log), {}
+    for stage in stages:
         proc = procs.get(stage, {})
         rows[stage] = {"wall_s": None, "cpu_s": None, "proc_wall_s": proc.get("wall_s"),
                        "proc_cpu_s": proc.get("cpu_s"), "phases": collect_phases(output, stage), "dvc_s": None}
-    return wall, rows["train"], rows["evaluate"]
+    if len(stages) == 1:
+        row = rows[stages[0]]
+        row.update(wall_s=wall, cpu_s=cpu)
+        row["dvc_s"] = wall - row["proc_wall_s"] if row["proc_wall_s"] is not None else None
+    return wall, rows
 
 
 def round_row(args, i: int, ws: Path, env: dict[str, str], dvc: list[str], logs: Path, clean: list[Path]) -> dict:
@@ -277,13 +269,14 @@ def round_row(args, i: int, ws: Path, env: dict[str, str], dvc: list[str], logs:
         shutil.rmtree(path, ignore_errors=True)
     repro_wall = None
     if args.separate:
-        train = one_stage("train", ws, env, dvc, logs, f"round{i}")
+        train = repro(["train"], ws, env, dvc, logs, f"round{i}")[1]["train"]
     else:
-        repro_wall, train, evaluate = both_stages(ws, env, dvc, logs, f"round{i}")
+        repro_wall, rows = repro(["train", "evaluate"], ws, env, dvc, logs, f"round{i}")
+        train, evaluate = rows["train"], rows["evaluate"]
     metrics = json.loads((ws / args.metrics_file).read_text())
     train_seconds = float(metrics["train_seconds"])
     if args.separate:
-        evaluate = one_stage("evaluate", ws, env, dvc, logs, f"round{i}")
+        evaluate = repro(["evaluate"], ws, env, dvc, logs, f"round{i}")[1]["evaluate"]
         overhead = (train["wall_s"] - train_seconds) + evaluate["wall_s"]
     else:
         overhead = repro_wall - train_seconds
