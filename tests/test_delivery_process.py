@@ -42,6 +42,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _alive(pid)
+
+
 def test_the_delivery_process_exits_when_its_stage_is_killed(tmp_path):
     """The stage starts the process before anything else; a stage SIGKILLed before it asks for the
     delivery must not leave it waiting forever."""
@@ -52,11 +59,7 @@ def test_the_delivery_process_exits_when_its_stage_is_killed(tmp_path):
             "os.kill(os.getpid(), signal.SIGKILL)\n")
     stage = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert stage.returncode == -9
-    child = int(stage.stdout.split()[0])
-    deadline = time.monotonic() + 60  # it imports MLflow first (seconds), then reads end-of-file
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _alive(child)
+    assert gone_within(int(stage.stdout.split()[0]), 60)  # it imports MLflow first (seconds), then reads end-of-file
     assert not (tmp_path / "mlflow.db").exists()  # it delivered nothing and made no store
 
 
@@ -80,11 +83,7 @@ def test_the_delivery_process_dies_with_its_stage_also_after_the_request(tmp_pat
     stage = subprocess.run([sys.executable, "-c", code, str(journal.path), run_id], cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     assert stage.returncode == -9
-    child = int(stage.stdout.split()[0])
-    deadline = time.monotonic() + 60
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _alive(child)
+    assert gone_within(int(stage.stdout.split()[0]), 60)
     assert "test_accuracy" not in client.get_run(run_id).data.metrics, stage.stderr[-2000:]
     assert [it["kind"] for it in Journal(journal.path).items] == ["evaluation"]
 

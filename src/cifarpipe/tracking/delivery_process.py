@@ -38,7 +38,7 @@ from cifarpipe import faults
 class Answer:
     """What the delivery process found and did."""
     uri: str  # the store, as the stage reports it
-    ready_seconds: float  # from the child's start to MLflow imported and the store's client made
+    ready_seconds: float  # the child's imports (MLflow, the delivery code) and the store's client
     missing_store: str | None = None  # a SQLite store file that isn't there: nothing was delivered
     deleted: bool = False  # the run is in the store's bin: nothing was delivered
     left: int = 0  # items the store did not take (still in the journal)
