@@ -282,7 +282,8 @@ class Params(_Strict):
         return self
 
 
-def _describe(err: dict[str, Any], source: str) -> str:
+def describe_error(err: dict[str, Any], source: str) -> str:
+    """One line for one of pydantic's errors in the file `source`, naming the key (and its value)."""
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown key {key!r}"
@@ -302,7 +303,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        raise UserError("\n".join(_describe(err, source) for err in e.errors())) from None
+        raise UserError("\n".join(describe_error(err, source) for err in e.errors())) from None
 
 
 class _Yaml12Loader(yaml.SafeLoader):

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cifarpipe.config import (Params, UserError, flatten, flatten_mapping, parse_params, read_yaml_text, set_dotted,
-                              unflatten)
+from cifarpipe.config import (Params, UserError, describe_error, flatten, flatten_mapping, parse_params, read_yaml_text,
+                              set_dotted, unflatten)
 
 RECIPE_SECTIONS = ("model", "train", "evaluate")  # what a recipe may set (config.read_recipe)
 EPOCHS_KEY = "train.epochs"  # set by the search file's `epochs`, never searched
@@ -103,20 +103,11 @@ def load_spec(path: Path) -> tuple[TuneSpec, str]:
     try:
         spec = TuneSpec.model_validate(raw)
     except ValidationError as e:
-        raise UserError("\n".join(_describe(err, path) for err in e.errors())) from None
+        raise UserError("\n".join(describe_error(err, str(path)) for err in e.errors())) from None
     study = spec.study or path.stem
     if not NAME.match(study):
         raise UserError(f"{path}: study = {study!r}: letters, digits, '.', '_' and '-' only (it names files)")
     return spec, study
-
-
-def _describe(err: dict[str, Any], path: Path) -> str:
-    key = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        return f"{path}: unknown key {key!r}"
-    if err["type"] == "missing":
-        return f"{path}: missing key {key!r}"
-    return f"{path}: {key}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def with_values(base: Params, values: dict[str, Any], source: str) -> Params:
