@@ -187,6 +187,36 @@ def epoch_end(logger, history: list[dict], last: Path) -> None:
     logger._wait_queue(30)
 
 
+class Killed(BaseException):
+    """A SIGKILL's stand-in: nothing after it runs."""
+
+
+def test_a_checkpoint_file_whose_upload_was_cut_short_is_removed_once_its_epoch_is_not_kept(tmp_path, monkeypatch):
+    """A process killed after the file reached the store, before the tag that says so (train's
+    MLflow process dies with its stage at any moment): the file must not stay for good in the
+    model of an epoch that is neither the best nor the last."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run("0").info.run_id
+    files = {}
+    for epoch in (1, 2):
+        files[epoch] = tmp_path / f"epoch-{epoch}.pt"
+        torch.save({"epoch": epoch}, files[epoch])
+    upload = checkpoints._upload
+
+    def upload_then_killed(*args) -> None:
+        upload(*args)
+        raise Killed
+
+    monkeypatch.setattr(checkpoints, "_upload", upload_then_killed)
+    with pytest.raises(Killed):
+        checkpoints.keep_files(client, run_id, "0", {1: files[1]}, keep={1})
+    assert kept_checkpoints(client, run_id) == [1]  # the file is in the store, its tag not "kept"
+    monkeypatch.setattr(checkpoints, "_upload", upload)
+    checkpoints.keep_files(client, run_id, "0", {2: files[2]}, keep={2})  # the resumed job: epoch 2 is best and last
+    assert kept_checkpoints(client, run_id) == [2]
+    assert checkpoints.find(client, "0", run_id)[1].tags[checkpoints.FILE_TAG] == checkpoints.REMOVED
+
+
 def test_checkpoint_models_of_epochs_the_store_missed_land_once_it_answers(tmp_path):
     real = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     flaky = FlakyClient(real)

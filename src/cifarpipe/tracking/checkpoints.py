@@ -44,6 +44,7 @@ CHECKPOINT_TYPE = "checkpoint"  # the LoggedModels' model_type: `model_type = 'c
 CHECKPOINT_FILE = "checkpoint.pt"  # the file's name in the model's artifacts
 FILE_TAG = "checkpoint_file"
 KEPT = "kept"
+UPLOADING = "uploading"  # set before the upload: a process killed during it leaves a file that is known of
 REMOVED = "removed: neither the best nor the last epoch"
 SNAPSHOT_DIR = "mlflow-uploads"  # in the job's checkpoint folder: hard links of files waiting for upload
 # Metrics computed on a dataset: the prefix of the key -> the dataset input's context.
@@ -141,15 +142,19 @@ def keep_files(client: MlflowClient, run_id: str, experiment_id: str, files: dic
     for epoch, path in sorted(files.items()):
         model = models[epoch]
         if model.tags.get(FILE_TAG) != KEPT and (keep is None or epoch in keep):
+            if not Path(path).exists():  # a waiting snapshot the next epoch dropped meanwhile: no longer kept
+                continue
+            client.set_logged_model_tags(model.model_id, {FILE_TAG: UPLOADING})
+            model.tags[FILE_TAG] = UPLOADING
             try:
                 _upload(client, model.model_id, Path(path))
-            except FileNotFoundError:  # a waiting snapshot the next epoch dropped meanwhile: no longer kept
+            except FileNotFoundError:  # dropped since the check above
                 continue
             client.set_logged_model_tags(model.model_id, {FILE_TAG: KEPT})
             model.tags[FILE_TAG] = KEPT
     if keep is not None:
         for epoch, model in models.items():
-            if epoch not in keep and model.tags.get(FILE_TAG) == KEPT:
+            if epoch not in keep and model.tags.get(FILE_TAG) in (KEPT, UPLOADING):
                 _remove_file(model)
                 client.set_logged_model_tags(model.model_id, {FILE_TAG: REMOVED})
 
