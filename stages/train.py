@@ -3,11 +3,13 @@
 Reads params `model.*`, `train.*`, `tracking.*` and `data.md5`; paths come from dvc.yaml. The
 body is cifarpipe.pipeline.train: load -> resume -> fit -> outputs.
 """
+import contextlib
+import os
 import sys
 from pathlib import Path
 
-from cifarpipe.pipeline import train
 from cifarpipe.pipeline.stage import run_stage, stage_parser
+from cifarpipe.tracking.job_process import JobProcess
 
 
 def main() -> int:
@@ -19,9 +21,14 @@ def main() -> int:
     ap.add_argument("--params-in-force", type=Path, help="the values in force (the recipe applied), as YAML for "
                                                           "`dvc exp show` / `dvc params diff`")
     args = ap.parse_args()
-    paths = train.TrainPaths(args.data, args.split, args.checkpoint_dir, args.weights, args.history, args.run_id,
-                             args.metrics, args.tensorboard_dir, args.params_in_force)
-    return train.main(paths, Path(args.params), __file__, sys.argv[1:])
+    # Started before torch is imported: MLflow loads in that process, on the other core, meanwhile.
+    # Under torchrun only rank 0 keeps the run.
+    with JobProcess() if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext() as tracker:
+        from cifarpipe.pipeline import train
+
+        paths = train.TrainPaths(args.data, args.split, args.checkpoint_dir, args.weights, args.history, args.run_id,
+                                 args.metrics, args.tensorboard_dir, args.params_in_force)
+        return train.main(paths, Path(args.params), __file__, sys.argv[1:], tracker)
 
 
 if __name__ == "__main__":

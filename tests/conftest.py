@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,9 +86,9 @@ def tiny_archive(tmp_path_factory) -> tuple[Path, str]:
     return path, build_archive(path)
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 600
-        ) -> subprocess.CompletedProcess:
-    """Run a command the way a user would, with this environment's tools first on PATH."""
+def user_env(env: dict | None = None) -> dict[str, str]:
+    """The environment a user's command gets: this environment's tools first on PATH, no MLflow
+    store or run of the caller's, then `env`."""
     # A git identity for the commits `dvc exp run` makes, on machines that have none configured.
     identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@example.com",
                 "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.com"}
@@ -95,11 +96,35 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, 
                 "PYTHONUNBUFFERED": "1"}
     full_env.pop("MLFLOW_TRACKING_URI", None)
     full_env.pop("MLFLOW_RUN_ID", None)
-    full_env.update(env or {})
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return {**full_env, **(env or {})}
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 600
+        ) -> subprocess.CompletedProcess:
+    """Run a command the way a user would, with this environment's tools first on PATH."""
+    proc = subprocess.run(cmd, cwd=cwd, env=user_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     return proc
+
+
+def process_state(pid: int) -> str | None:
+    """A process's state letter in /proc (R, S, T: stopped, Z: zombie), None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    return process_state(pid) not in (None, "Z")  # a zombie (exited, not yet reaped) is gone too
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not alive(pid)
 
 
 def set_params(project: Path, **dotted) -> None:

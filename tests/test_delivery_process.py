@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import run
+from conftest import gone_within, run
 from cifarpipe.tracking.delivery_process import DeliveryFailed, DeliveryProcess
 from cifarpipe.tracking.journal import JOURNAL_NAME, Journal
 
@@ -33,20 +31,6 @@ def test_a_delivery_process_killed_leaves_the_evaluation_pending_and_the_next_re
     assert client.get_run(run_id).data.metrics["test_accuracy"] == json.loads(
         (project / "outputs/metrics.json").read_text())["accuracy"]
     assert not (project / "outputs" / JOURNAL_NAME).exists()
-
-
-def _alive(pid: int) -> bool:
-    try:  # a zombie (exited, not yet reaped by whoever adopted it) is gone too
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return not _alive(pid)
 
 
 def test_the_delivery_process_exits_when_its_stage_is_killed(tmp_path):

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import (checkpoint_models, git_commit, kept_checkpoints, make_project, run, serve_folder, set_params,
-                      stage_cmd)
+                      process_state, stage_cmd, user_env)
 from cifarpipe.tracking.run import EPOCH_METRICS
 
 EPOCHS = 3
@@ -176,6 +180,53 @@ def test_sigint_saves_mid_epoch_and_resumes_exactly(baseline, tmp_path):
     assert runs[0].info.status == "KILLED"
     resumed = run(["dvc", "repro"], project)
     assert "epoch 2, batch 4" in resumed.stdout
+    assert_same_as_uninterrupted(project, done)
+
+
+def test_an_mlflow_process_killed_mid_training_stops_the_stage_and_repro_completes_the_same_run(baseline, tmp_path):
+    """Train's MLflow process (tracking.job_process) SIGKILLed as epoch 1's metrics reach it: the
+    stage stops at its next call to it (epoch 2's checkpoint is written by then) with a clear
+    message, and `dvc repro` resumes into the same run, every epoch logged once."""
+    seed, done = baseline
+    project = fresh_copy(seed, tmp_path / "p")
+    stopped = run(stage_cmd(project, "train"), project, env={"CIFARPIPE_FAULT": "mlflow_process:1"}, check=False)
+    assert stopped.returncode == 3, stopped.stdout + stopped.stderr
+    assert ("error: the MLflow process of this training was killed by signal 9. What was trained is in the job's "
+            "checkpoints: `dvc repro` resumes, in the same MLflow run") in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert last_checkpoint(project)["epoch"] == 2  # epoch 2 trained and saved before the stage found it gone
+    run_id = (project / "outputs/run_id.txt").read_text().strip()
+    resumed = run(["dvc", "repro"], project)
+    assert "resuming from outputs/checkpoints/" in resumed.stdout
+    assert (project / "outputs/run_id.txt").read_text().strip() == run_id
+    assert_same_as_uninterrupted(project, done)
+
+
+@pytest.mark.slow  # test_sigint_saves_mid_epoch_and_resumes_exactly covers the safe stop in the default run
+def test_ctrl_c_to_the_process_group_stops_at_a_safe_point_and_the_mlflow_process_records_it(baseline, tmp_path):
+    """A terminal's Ctrl-C reaches the stage and its MLflow process alike: the MLflow process must
+    not die of it, but record the run KILLED when the stage, stopped at its safe point, says so."""
+    seed, done = baseline
+    project = fresh_copy(seed, tmp_path / "p")
+    stage = subprocess.Popen(stage_cmd(project, "train"), cwd=project, start_new_session=True, text=True,
+                             env=user_env({"CIFARPIPE_FAULT": "step:2:4:STOP"}),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while process_state(stage.pid) != "T":
+            assert stage.poll() is None and time.monotonic() < deadline, "the stage never reached step 4 of epoch 2"
+            time.sleep(0.2)
+        os.killpg(stage.pid, signal.SIGINT)  # what the terminal sends: to every process of the group
+        os.kill(stage.pid, signal.SIGCONT)
+        out, err = stage.communicate(timeout=300)
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+    assert stage.returncode == 130, out + err
+    assert "stopped in epoch 2 after batch 4" in out and "Traceback" not in err
+    _, runs = runs_of(project)
+    assert [r.info.status for r in runs] == ["KILLED"]
+    run(["dvc", "repro"], project)
     assert_same_as_uninterrupted(project, done)
 
 

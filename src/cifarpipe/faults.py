@@ -6,7 +6,9 @@ that point; a signal name such as INT or TERM sends that signal instead. Points:
 `validation` (in the middle of validating epoch <epoch>), `checkpoint_write` (checkpoint
 bytes written to the temporary file, not yet renamed), `after_checkpoint` (checkpoint of
 <epoch> in place, before anything else), `evaluate` (epoch 0: evaluate's outputs partly written),
-`delivery` (epoch 0: evaluate's delivery process, the evaluation journaled, nothing delivered). Unset (the normal case), it does nothing.
+`delivery` (epoch 0: evaluate's delivery process, the evaluation journaled, nothing delivered),
+`mlflow_process` (train's MLflow process, as epoch <epoch>'s metrics reach it). Unset (the normal
+case), it does nothing.
 """
 from __future__ import annotations
 

@@ -4,26 +4,28 @@ Resumable: after every epoch (and at a safe point on SIGINT/SIGTERM) a checkpoin
 atomically; running the stage again (`dvc repro`) continues from it, in the same MLflow run.
 Several processes (train.nproc_per_node > 1): the stage runs itself under torchrun; each process
 trains its share of every batch and rank 0 alone reads and writes checkpoints, files and MLflow.
+MLflow itself is never imported here: rank 0's MLflow process (tracking.job_process, started by
+the stage script) keeps the run.
 """
 from __future__ import annotations
 
+import csv
+import importlib
+import io
 import json
+import math
 import os
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
-
-if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
 
 from cifarpipe import atomic, faults, workspace
 from cifarpipe.config import (Params, TrainParams, UserError, flatten, load_params, params_in_force_text,
@@ -31,8 +33,8 @@ from cifarpipe.config import (Params, TrainParams, UserError, flatten, load_para
 from cifarpipe.data import archive, split
 from cifarpipe.data.batches import DeviceBatches, EpochBatches, channel_stats, dataloader_batches, whitening_images
 from cifarpipe.pipeline.phases import Phases, timed
-from cifarpipe.tracking import checkpoints, job, store
-from cifarpipe.tracking.journal import Journal, journal_path
+from cifarpipe.tracking.job_process import JobProcess, JobStart, MlflowProcessLost, RemoteRun
+from cifarpipe.tracking.journal import journal_path
 from cifarpipe.training import checkpoint, distributed, engine
 from cifarpipe.training.distributed import Group
 from cifarpipe.training.step import warm_up
@@ -44,6 +46,9 @@ _PACKAGE = Path(engine.__file__).parents[1]
 TRAINING_CODE = [_PACKAGE / "training" / name for name in ("engine.py", "optim.py", "models.py", "distributed.py",
                                                           "step.py", "lookahead.py")] + [
     _PACKAGE / "data" / "batches.py", Path(__file__)]
+
+
+MLFLOW_PROCESS_LOST_EXIT = 3  # the MLflow process died under the stage: a failure DVC reruns, not a user error
 
 
 @dataclass(frozen=True)
@@ -60,9 +65,10 @@ class TrainPaths:
     params_in_force: Path | None = None  # the values in force, for `dvc exp show` (config.params_in_force_text)
 
 
-def main(paths: TrainPaths, params_path: Path, script: str, argv: list[str]) -> int:
+def main(paths: TrainPaths, params_path: Path, script: str, argv: list[str], tracker: JobProcess | None) -> int:
     """The stage: validate params, then train in this process, or start `script argv` under
-    torchrun once per process (train.nproc_per_node > 1). Returns the exit status."""
+    torchrun once per process (train.nproc_per_node > 1). `tracker`: the MLflow process the stage
+    script started (None in ranks other than 0). Returns the exit status."""
     phases = Phases("train")
     params = load_params(params_path)
     p = params.train
@@ -75,8 +81,16 @@ def main(paths: TrainPaths, params_path: Path, script: str, argv: list[str]) -> 
             distributed.check_world(p, p.nproc_per_node, device)
             print(f"train.nproc_per_node = {p.nproc_per_node}: torchrun "
                   + shlex.join(distributed.launch_args(p.nproc_per_node, script, argv)), flush=True)
+            if tracker:
+                tracker.close()  # rank 0 starts its own
             return distributed.launch(p.nproc_per_node, script, argv, device.type)
-    return distributed.run_in_group(p, device, lambda device, group: train(paths, params, device, group, phases))
+    try:
+        return distributed.run_in_group(p, device, lambda device, group: train(paths, params, device, group, phases,
+                                                                                tracker if group.is_main else None))
+    except MlflowProcessLost as e:
+        print(f"error: {e}. What was trained is in the job's checkpoints: `dvc repro` resumes, in the same MLflow "
+              "run", file=sys.stderr)
+        return MLFLOW_PROCESS_LOST_EXIT
 
 
 @dataclass
@@ -144,12 +158,16 @@ def epoch_batches(data: TrainingData, params: Params, device: torch.device, grou
     return steps, batches, lambda: val.epoch(0)
 
 
-def train(paths: TrainPaths, params: Params, device: torch.device, group: Group, phases: Phases) -> int:
-    """This process's training; rank 0 also reads and writes checkpoints, outputs and the MLflow run."""
+def train(paths: TrainPaths, params: Params, device: torch.device, group: Group, phases: Phases,
+          tracker: JobProcess | None) -> int:
+    """This process's training; rank 0 (`tracker`: its MLflow process) also reads and writes
+    checkpoints, outputs and the MLflow run."""
     p = params.train
     main = group.is_main
     with ThreadPoolExecutor(1, thread_name_prefix="warm-up") as pool:
-        store_ready = pool.submit(timed, lambda: warm_up_store(main), phases.background, "warm-up")
+        # torch._dynamo, which the optimizer's first method call imports (1.6 s on a 2-core CPU),
+        # while the data loads
+        dynamo = pool.submit(timed, lambda: importlib.import_module("torch._dynamo"), phases.background, "warm-up")
         try:
             data = load_data(paths, params)
             phases.lap("load data")
@@ -160,22 +178,27 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
             phases.lap("model and batches")
             state = restored_state(resume, setup, params, device)
         except Exception:
-            store_ready.result()  # a store that does not answer is reported first: nothing works without it
+            if tracker:
+                tracker.ready()  # a store that does not answer is reported first: nothing works without it
             raise
-        client = store_ready.result()  # an unreachable store stops the stage here, before any training
+        dynamo.result()
+        # an unreachable store (UserError) stops the stage here, before any training
+        ready = tracker.ready() if tracker else None
         phases.lap("store")
+    if ready:
+        phases.background["MLflow process"] = ready.seconds
     if main:
         checkpoint.claim(job_dir)  # made here for a new job: an unreachable store leaves no folder behind
 
     run = None
-    if main:  # MLflow, call 1 of 2: open the job's run
-        run = job.open_job_run(client, params, job.JobStart(
+    if main:  # MLflow: open the job's run
+        run = tracker.open(params, JobStart(
             job_dir.name, data.split_hash, engine.device_name(device), resumed=bool(resume),
             resume_run_id=resume["mlflow_run_id"] if resume else None, history=state.history,
             n_train=len(data.train_y), n_val=len(data.val_y), complete=bool(resume and resume["complete"]),
-            checkpoint=resume_path, job_dir=job_dir), Journal(journal_path(paths.run_id)), paths.run_id,
+            checkpoint=resume_path, job_dir=job_dir), journal_path(paths.run_id), paths.run_id,
             paths.tensorboard_dir)
-        say_what_runs(run, state, params, resume_path, steps_per_epoch, len(data.train_y), device, group)
+        say_what_runs(run, state, params, resume_path, steps_per_epoch, len(data.train_y), device, group, ready.uri)
         phases.lap("open run")
 
     prepare_steps(setup, state, p, train_batches, log=print if main else lambda line: None)
@@ -191,23 +214,20 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
                               group=group, log_every=p.log_every if main else 0, log=tqdm.write,
                               early_stopping=p.early_stopping):
                 return stopped(state, stop, run, job_dir, device, group)
+    except MlflowProcessLost:
+        raise
     except BaseException:
         if run:
-            run.stop("FAILED", attempts=1)
+            try:
+                run.stop("FAILED", attempts=1)
+            except MlflowProcessLost as lost:  # the error that ended training is the one to see
+                print(f"warning: {lost}; run {run.run_id} stays RUNNING until the next `dvc repro` continues it",
+                      file=sys.stderr)
         raise
     phases.lap("epochs")
     if main:
         write_outputs(paths, params, state, setup, data, hooks.record, run, phases)
     return 0
-
-
-def warm_up_store(main: bool) -> MlflowClient | None:
-    """What needs no data, done while the data loads: torch._dynamo, which the optimizer's first
-    method call imports (1.6 s on a 2-core CPU), and on rank 0 the MLflow store (its client's
-    imports, 1.2 s, and the check that it answers: UserError if not). Returns rank 0's client."""
-    import torch._dynamo  # noqa: F401
-
-    return store.connect() if main else None
 
 
 def resume_point(paths: TrainPaths, params: Params, data: TrainingData, group: Group
@@ -233,7 +253,7 @@ def restored_state(resume: dict | None, setup: engine.TrainingSetup, params: Par
     return checkpoint.restore(resume, setup, device, mid_epoch=params.train.loader != "dataloader")
 
 
-def stopped(state: engine.TrainState, stop: StopRequest, run: job.JobRun | None, job_dir: Path,
+def stopped(state: engine.TrainState, stop: StopRequest, run: RemoteRun | None, job_dir: Path,
             device: torch.device, group: Group) -> int:
     """A stop request ended the loop at a safe point (its checkpoint is written): one exit status
     for all processes (a signal may have reached only one). The others exit 0 at once; rank 0
@@ -278,8 +298,8 @@ def prepare_steps(setup: engine.TrainingSetup, state: engine.TrainState, p: Trai
             "(not part of the epochs' time)")
 
 
-def say_what_runs(run: job.JobRun, state: engine.TrainState, params: Params, resume_path: Path | None,
-                  steps_per_epoch: int, n_train: int, device: torch.device, group: Group) -> None:
+def say_what_runs(run: RemoteRun, state: engine.TrainState, params: Params, resume_path: Path | None,
+                  steps_per_epoch: int, n_train: int, device: torch.device, group: Group, uri: str) -> None:
     """Rank 0's account of what this execution does: train, resume, complete a killed job's run, or
     reuse a finished job's weights in a run of its own (naming the checkpoint it really uses)."""
     p = params.train
@@ -301,20 +321,20 @@ def say_what_runs(run: job.JobRun, state: engine.TrainState, params: Params, res
     print(f"training {params.model.name} on {device} for {p.epochs} epochs, {steps_per_epoch * p.batch_size} "
           f"of {n_train} images per epoch ({steps_per_epoch} batches of {p.batch_size}"
           + (f", {p.batch_size // group.world_size} in each of {group.world_size} processes" if group.active
-             else "") + f"); MLflow run {run.run_id} in {store.tracking_uri()}")
+             else "") + f"); MLflow run {run.run_id} in {uri}")
 
 
 def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, setup: engine.TrainingSetup,
-                  data: TrainingData, record: EpochRecord, run: job.JobRun, phases: Phases) -> None:
+                  data: TrainingData, record: EpochRecord, run: RemoteRun, phases: Phases) -> None:
     """A finished training's outputs (weights, history, metrics, the complete checkpoint), then
-    MLflow, call 2 of 2: the run closed with its artifacts and model."""
+    MLflow: the run closed with its artifacts and model."""
     # NHWC (channels_last) was a training-speed choice; the weights file and the MLflow model get
     # the standard layout (chosen_weights), which loaders expect and torch.export (MLflow's pt2
     # format) saves without "No complete tensor found" warnings.
     weights, epoch = checkpoint.chosen_weights(params.evaluate.weights, state, setup.model, record.job_dir)
     checkpoint.save_weights(paths.weights, checkpoint.weights_file(weights, params, data.mean, data.std, data.classes,
                                                                    epoch))
-    atomic.write_text(paths.history, pd.DataFrame(state.history).to_csv(index=False))
+    atomic.write_text(paths.history, history_csv(state.history))
     summary = training_summary(state, params, epoch)
     atomic.write_text(paths.metrics, json.dumps(summary, indent=2) + "\n")
     if paths.params_in_force:
@@ -328,9 +348,9 @@ def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, s
         tags["stopped_early_at"] = str(state.epoch)
     # Four validation images as they come (uint8, N x 32 x 32 x 3): the MLflow model's input
     # example, and with its output the model's signature.
-    model_uri = run.close(checkpoint_files=checkpoints.final_files(state.history, record.best, record.last),
+    model_uri = run.close(best=record.best, last=record.last,
                           history=state.history, history_file=paths.history, weights=paths.weights,
-                          weights_epoch=epoch, example=data.val_x[:4].copy(),
+                          weights_epoch=epoch, classes=data.classes, example=data.val_x[:4].copy(),
                           registered_model=params.tracking.registered_model, tags=tags,
                           metrics={"model_val_accuracy": summary["model_val_accuracy"], **phases.metrics()})
     phases.lap("close run")
@@ -339,6 +359,17 @@ def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, s
     print(f"done: {paths.weights} holds the weights of epoch {epoch} of {state.epoch} trained (evaluate.weights "
           f"{params.evaluate.weights}, val accuracy {summary['model_val_accuracy']:.4f}{best}); model {model_uri}")
     print(phases.report(), flush=True)
+
+
+def history_csv(history: list[dict[str, float]]) -> str:
+    """The per-epoch rows as CSV, a header of their keys (the DVC plots' source); a NaN (a loss
+    that diverged) is an empty field, as pandas writes and reads it."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(history[0]) if history else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+                     for row in history)
+    return out.getvalue()
 
 
 def training_summary(state: engine.TrainState, params: Params, weights_epoch: int) -> dict[str, float]:
@@ -358,7 +389,7 @@ class EpochRecord:
     """Rank 0's record of every epoch: checkpoints (best first, then last), the history file,
     and the run's metrics and checkpoint models."""
 
-    def __init__(self, run: job.JobRun, setup: engine.TrainingSetup, device: torch.device, params: Params,
+    def __init__(self, run: RemoteRun, setup: engine.TrainingSetup, device: torch.device, params: Params,
                  job_dir: Path, history_path: Path) -> None:
         self.run, self.setup, self.device, self.params, self.job_dir = run, setup, device, params, job_dir
         self.last, self.best, self.history_path = job_dir / "last.pt", job_dir / "best.pt", history_path
@@ -373,7 +404,7 @@ class EpochRecord:
             self.save_checkpoint(state, path=self.best)
         self.save_checkpoint(state)
         faults.hit("after_checkpoint", state.epoch)
-        atomic.write_text(self.history_path, pd.DataFrame(state.history).to_csv(index=False))
+        atomic.write_text(self.history_path, history_csv(state.history))
         self.run.epoch_done(state.history, self.last)
 
 

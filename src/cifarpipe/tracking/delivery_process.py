@@ -1,37 +1,27 @@
-"""The evaluate stage's MLflow delivery, in a process of its own started when the stage starts.
-
-`import mlflow`, the delivery code and opening the SQLite store are 2-3 s of Python import work
-on a 2-core CPU. Import work holds the GIL, so in a thread of the stage it ran no faster than
-before the stage's own work (measured: the same wall time). In a second process it runs on the
-other core while the stage imports torch, loads the test images and evaluates the model; the
-stage then sends one request and reads one answer.
+"""The evaluate stage's MLflow delivery, in a process of its own started when the stage starts
+(tracking.child: why a process, and how it dies with the stage).
 
 Protocol: one JSON line each way, the request on the child's stdin ({"journal": path,
-"run_id": id}), the answer (`Answer`) on a pipe of its own; the child's stdout and stderr are the
-stage's, so what delivery and MLflow print shows as before. The child looks up the store, checks
+"run_id": id}), the answer (`Answer`) on a pipe of its own. The child looks up the store, checks
 it and the run, and delivers the journal (tracking.delivery); the stage turns the facts it
-returns into messages and an exit status. The child never outlives the stage: on Linux the kernel
-kills it when the stage dies (PR_SET_PDEATHSIG), also in the middle of a delivery (each step is
-idempotent, the journal rewritten atomically: what is left stays pending for the rerun, which
-would otherwise deliver the same journal at the same time); elsewhere a stage that dies before
-its request closes the pipe, and the child reads end-of-file and exits without delivering.
+returns into messages and an exit status. A stage killed in the middle of a delivery takes the
+child with it: each step is idempotent and the journal rewritten atomically, so what is left stays
+pending for the rerun (which would otherwise deliver the same journal at the same time).
 
 This module imports no MLflow at its top: the stage imports it for `DeliveryProcess`.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cifarpipe
 from cifarpipe import faults
+from cifarpipe.tracking import child
 
 
 @dataclass
@@ -54,8 +44,7 @@ class DeliveryFailed(RuntimeError):
 
     def __init__(self, status: int) -> None:
         self.killed = status < 0
-        how = f"was killed by signal {-status}" if self.killed else f"failed with exit status {status} (its error is above)"
-        super().__init__(f"the MLflow delivery process {how} before answering")
+        super().__init__(f"the MLflow delivery process {child.how_it_ended(status)} before answering")
 
 
 class DeliveryProcess:
@@ -63,20 +52,12 @@ class DeliveryProcess:
     The answer comes back over a pipe of its own, so the child's stdout stays the stage's."""
 
     def __init__(self) -> None:
-        env = dict(os.environ)
-        # the child imports this checkout's cifarpipe, the one the stage runs (an installed copy could differ)
-        package_root = str(Path(cifarpipe.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         read_end, write_end = os.pipe()
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", __name__, str(write_end), str(os.getpid())],
-                                         stdin=subprocess.PIPE,
-                                         env=env, text=True, pass_fds=(write_end,))
+            self.proc = child.start(__name__, (write_end,), stdin=subprocess.PIPE, text=True)
         except BaseException:
             os.close(read_end)
             raise
-        finally:
-            os.close(write_end)
         self.answers = os.fdopen(read_end)
 
     def deliver(self, journal: Path, run_id: str) -> Answer:
@@ -104,17 +85,6 @@ class DeliveryProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with(stage_pid: int) -> None:
-    """SIGKILL this process when the stage that started it dies (Linux), and exit now if it is gone already."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != stage_pid:  # it died before the line above took effect
-        os._exit(0)
 
 
 def serve(answer_fd: int) -> int:
@@ -150,9 +120,5 @@ def serve(answer_fd: int) -> int:
 
 
 if __name__ == "__main__":
-    die_with(int(sys.argv[2]))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the stage's to handle: it ends this process
-    code = serve(int(sys.argv[1]))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no teardown of MLflow's modules (1-3 s, see pipeline.stage.run_stage)
+    child.become_child(int(sys.argv[2]))
+    child.exit_now(serve(int(sys.argv[1])))

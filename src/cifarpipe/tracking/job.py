@@ -3,15 +3,16 @@
 One run per training job. A job resumed from its checkpoint continues the checkpoint's run; a job
 killed before its first checkpoint continues the run it had created (found by the workspace and
 fingerprint tags); `mlflow run .` hands its own run over (MLFLOW_RUN_ID). Runs this workspace left
-RUNNING that nobody continues are marked KILLED. The train stage makes two calls: open_job_run
-before the first epoch and JobRun.close after the outputs are written.
+RUNNING that nobody continues are marked KILLED. The train stage's MLflow process
+(tracking.job_process) makes the calls: open_job_run before the first epoch, JobRun.epoch_done
+after each, and JobRun.close after the outputs are written (JobRun.stop for a run left unfinished).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,27 +25,11 @@ from cifarpipe import atomic
 from cifarpipe.config import Params, UserError, flatten
 from cifarpipe.tracking import card, checkpoints, datasets, in_force, model, provenance, record, tensorboard
 from cifarpipe.tracking.delivery import abandon, deliver
+from cifarpipe.tracking.job_process import JobStart
 from cifarpipe.tracking.journal import Journal
 from cifarpipe.tracking.run import EPOCH_METRICS, RunLogger
 from cifarpipe.tracking.store import create_experiment, is_not_found, short_error, tracking_uri, uri_of
 from cifarpipe.tracking.system_metrics import SystemMetrics
-from cifarpipe.training import checkpoint
-
-
-@dataclass
-class JobStart:
-    """What the train stage knows about its job when it opens the run."""
-    fingerprint: str  # the job's checkpoint folder name: params, data and code
-    split_hash: str
-    device_name: str
-    resumed: bool  # from a checkpoint of this job
-    resume_run_id: str | None  # the checkpoint's run
-    history: list[dict[str, float]] = field(default_factory=list)  # the checkpoint's epochs
-    n_train: int = 0
-    n_val: int = 0
-    complete: bool = False  # the checkpoint is of a finished training (all epochs or stopped early; outputs written)
-    checkpoint: Path | None = None  # the checkpoint file it resumes from
-    job_dir: Path | None = None  # the job's checkpoint folder (where files wait for their upload)
 
 
 @dataclass
@@ -79,14 +64,15 @@ class JobRun:
                   "last epochs' files are uploaded", file=sys.stderr)
         self.logger.finish(status)
 
-    def close(self, *, checkpoint_files: dict[int, Path], history: list[dict[str, float]], history_file: Path,
-              weights: Path, weights_epoch: int, example: np.ndarray, registered_model: str,
+    def close(self, *, best: Path, last: Path, history: list[dict[str, float]], history_file: Path,
+              weights: Path, weights_epoch: int, classes: list[str], example: np.ndarray, registered_model: str,
               metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> str:
-        """Deliver a finished training's record: queued metrics and checkpoint models, the files of
-        `checkpoint_files` (epoch -> file: the best and the last epoch's) into their models (every
-        other model's file removed), the history as an artifact, `metrics` (step 0: the stage's
+        """Deliver a finished training's record: queued metrics and checkpoint models, the files
+        `best` and `last` (the job's best.pt and last.pt) into their epochs' models (every other
+        model's file removed), the history as an artifact, `metrics` (step 0: the stage's
         phase timings), `tags` (which weights, where training stopped), the model (logged from the
-        weights file, linked at `weights_epoch`: the epoch of those weights), then status FINISHED,
+        weights file, linked at `weights_epoch`: the epoch of those weights; `classes` for its
+        card), then status FINISHED,
         last; register the model as a version of `registered_model` ("" = off).
 
         Everything goes through the journal: what the store does not take stays there and is
@@ -99,6 +85,7 @@ class JobRun:
         journal, logger = self.logger.journal, self.logger
         logger.drain()  # queued per-epoch metrics and checkpoint models: sent, or journaled
         logger.checkpoints.discard()  # files still waiting: best.pt and last.pt stand in for them
+        checkpoint_files = checkpoints.final_files(history, best, last)
         files = {epoch: path for epoch, path in checkpoint_files.items() if path.exists()}
         journal.add_checkpoint_files(self.run_id, files, keep=set(checkpoint_files))
         journal.add_artifact(self.run_id, history_file)
@@ -123,7 +110,7 @@ class JobRun:
         except Exception:  # delivered a moment ago; only this look-up failed
             uri = f"runs:/{self.run_id}/model"
         if uri.startswith(("models:/", "runs:/")):  # the card from the record; the version, its alias
-            card.publish(logger.client, self.run_id, uri, registered_model, checkpoint.load(weights)["classes"])
+            card.publish(logger.client, self.run_id, uri, registered_model, classes)
         return uri
 
 
