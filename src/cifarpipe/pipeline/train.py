@@ -9,11 +9,8 @@ the stage script) keeps the run.
 """
 from __future__ import annotations
 
-import csv
 import importlib
-import io
 import json
-import math
 import os
 import shlex
 import sys
@@ -32,7 +29,9 @@ from cifarpipe.config import (Params, TrainParams, UserError, flatten, load_para
                               recipe_changes)
 from cifarpipe.data import archive, split
 from cifarpipe.data.batches import DeviceBatches, EpochBatches, channel_stats, dataloader_batches, whitening_images
+from cifarpipe.pipeline.epochs import EpochRecord, StageHooks, history_csv
 from cifarpipe.pipeline.phases import Phases, timed
+from cifarpipe.tracking import provenance
 from cifarpipe.tracking.job_process import JobProcess, JobStart, MlflowProcessLost, RemoteRun
 from cifarpipe.tracking.journal import journal_path
 from cifarpipe.training import checkpoint, distributed, engine
@@ -45,9 +44,7 @@ from cifarpipe.training.stop import StopRequest
 _PACKAGE = Path(engine.__file__).parents[1]
 TRAINING_CODE = [_PACKAGE / "training" / name for name in ("engine.py", "optim.py", "models.py", "distributed.py",
                                                           "step.py", "lookahead.py")] + [
-    _PACKAGE / "data" / "batches.py", Path(__file__)]
-
-
+    _PACKAGE / "data" / "batches.py", Path(__file__), _PACKAGE / "pipeline" / "epochs.py"]
 MLFLOW_PROCESS_LOST_EXIT = 3  # the MLflow process died under the stage: a failure DVC reruns, not a user error
 
 
@@ -193,7 +190,7 @@ def train(paths: TrainPaths, params: Params, device: torch.device, group: Group,
     run = None
     if main:  # MLflow: open the job's run
         run = tracker.open(params, JobStart(
-            job_dir.name, data.split_hash, engine.device_name(device), resumed=bool(resume),
+            job_dir.name, data.split_hash, provenance.environment_tags(engine.device_name(device)), resumed=bool(resume),
             resume_run_id=resume["mlflow_run_id"] if resume else None, history=state.history,
             n_train=len(data.train_y), n_val=len(data.val_y), complete=bool(resume and resume["complete"]),
             checkpoint=resume_path, job_dir=job_dir), journal_path(paths.run_id), paths.run_id,
@@ -361,17 +358,6 @@ def write_outputs(paths: TrainPaths, params: Params, state: engine.TrainState, s
     print(phases.report(), flush=True)
 
 
-def history_csv(history: list[dict[str, float]]) -> str:
-    """The per-epoch rows as CSV, a header of their keys (the DVC plots' source); a NaN (a loss
-    that diverged) is an empty field, as pandas writes and reads it."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(history[0]) if history else [], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-                     for row in history)
-    return out.getvalue()
-
-
 def training_summary(state: engine.TrainState, params: Params, weights_epoch: int) -> dict[str, float]:
     """The training side of `dvc metrics`: best validation accuracy and its epoch, the validation
     accuracy of the weights in the weights file and their epoch, the epochs trained and asked for
@@ -383,77 +369,3 @@ def training_summary(state: engine.TrainState, params: Params, weights_epoch: in
             "epochs_trained": len(history), "epochs_requested": params.train.epochs,
             "stopped_early": state.stopped_early,
             "train_seconds": round(sum(row["epoch_seconds"] for row in history), 1)}
-
-
-class EpochRecord:
-    """Rank 0's record of every epoch: checkpoints (best first, then last), the history file,
-    and the run's metrics and checkpoint models."""
-
-    def __init__(self, run: RemoteRun, setup: engine.TrainingSetup, device: torch.device, params: Params,
-                 job_dir: Path, history_path: Path) -> None:
-        self.run, self.setup, self.device, self.params, self.job_dir = run, setup, device, params, job_dir
-        self.last, self.best, self.history_path = job_dir / "last.pt", job_dir / "best.pt", history_path
-
-    def save_checkpoint(self, state: engine.TrainState, complete: bool = False, path: Path | None = None) -> None:
-        checkpoint.save(path or self.last, checkpoint.build(
-            state, self.setup, self.device, seed=self.params.train.seed, run_id=self.run.run_id,
-            fingerprint=self.job_dir.name, model_name=self.params.model.name, complete=complete))
-
-    def epoch(self, state: engine.TrainState, improved: bool) -> None:
-        if improved:  # best first: a kill between the two writes then just redoes this epoch
-            self.save_checkpoint(state, path=self.best)
-        self.save_checkpoint(state)
-        faults.hit("after_checkpoint", state.epoch)
-        atomic.write_text(self.history_path, history_csv(state.history))
-        self.run.epoch_done(state.history, self.last)
-
-
-class StageHooks(engine.LoopHooks):
-    """The train stage's side of the epoch loop: progress bar, stop requests, fault points, and on
-    rank 0 the record of every epoch."""
-
-    def __init__(self, stop: StopRequest, steps_per_epoch: int, epochs: int, *, mid_epoch: bool,
-                 record: EpochRecord | None) -> None:
-        self.stop, self.steps_per_epoch, self.epochs, self.mid_epoch = stop, steps_per_epoch, epochs, mid_epoch
-        self.record = record  # rank 0; other processes: None (they write nothing)
-        self.bar: tqdm | None = None
-
-    def epoch_started(self, epoch: int, state: engine.TrainState) -> None:
-        if self.record:
-            self.bar = tqdm(total=self.steps_per_epoch, initial=state.progress.step,
-                            desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch", leave=False, mininterval=0.5)
-
-    def step_done(self, epoch: int, step: int) -> None:
-        if self.bar:
-            self.bar.update(1)
-        faults.hit("step", epoch + 1, step)
-
-    def stop_requested(self, inside_epoch: bool) -> bool:
-        # The DataLoader path can't replay half an epoch: it stops at the end of the epoch instead.
-        return self.stop.requested and (self.mid_epoch or not inside_epoch)
-
-    def _close_bar(self) -> None:
-        if self.bar:
-            self.bar.close()
-            self.bar = None
-
-    def stopped_in_epoch(self, state: engine.TrainState) -> None:
-        self._close_bar()
-        if self.record:
-            self.record.save_checkpoint(state)
-
-    def validation_started(self, epoch: int) -> None:
-        self._close_bar()
-        faults.hit("validation", epoch + 1)
-
-    def epoch_finished(self, state: engine.TrainState, row: dict[str, float], improved: bool) -> None:
-        if not self.record:
-            return
-        self.record.epoch(state, improved)
-        print(f"epoch {state.epoch:3d}/{self.epochs}  train loss {row['train_loss']:.4f}  val loss "
-              f"{row['val_loss']:.4f}  val acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  "
-              f"{row['epoch_seconds']:6.1f} s  {row['images_per_second']:8.0f} img/s", flush=True)
-        if state.stopped_early:
-            n = state.epochs_without_improvement
-            print(f"early stopping: no improvement in validation accuracy for {n} epoch{'s' if n != 1 else ''} "
-                  f"(train.early_stopping): training stops after epoch {state.epoch} of {self.epochs}", flush=True)

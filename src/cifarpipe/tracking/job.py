@@ -150,7 +150,7 @@ def open_job_run(client: MlflowClient, params: Params, start: JobStart, journal:
             already_logged = logger.logged_steps()
             logger.queue_history(start.history, skip=already_logged)  # fill what the killed process never sent
         else:
-            tags = {**git.tags(), **provenance.environment_tags(start.device_name), **workspace,
+            tags = {**git.tags(), **start.environment, **workspace,
                     "data_md5": params.data.md5, "split_hash": start.split_hash, "fingerprint": start.fingerprint,
                     "deterministic": str(params.train.deterministic).lower()}
             if reuses:

@@ -41,7 +41,7 @@ class JobStart:
     """What the train stage knows about its job when it opens the run."""
     fingerprint: str  # the job's checkpoint folder name: params, data and code
     split_hash: str
-    device_name: str
+    environment: dict[str, str]  # provenance.environment_tags, made by the stage: it has torch loaded, this process not
     resumed: bool  # from a checkpoint of this job
     resume_run_id: str | None  # the checkpoint's run
     history: list[dict[str, float]] = field(default_factory=list)  # the checkpoint's epochs
@@ -161,7 +161,7 @@ def serve(requests: Connection, answers: Connection) -> int:
     """The child: import MLflow, check the store, then do the stage's requests until the run ends
     (stop, close) or the stage closes the pipe."""
     t0 = time.perf_counter()
-    from cifarpipe.tracking import job, store
+    from cifarpipe.tracking import job, provenance, store
     from cifarpipe.tracking.journal import Journal
 
     try:
@@ -170,6 +170,7 @@ def serve(requests: Connection, answers: Connection) -> int:
         answers.send(("user_error", str(e)))
         return 0
     answers.send(("ok", Ready(store.tracking_uri(), round(time.perf_counter() - t0, 3))))
+    provenance.requirements_text()  # read now (0.3 s), while the stage still loads its data; open uses it
     run: job.JobRun | None = None
     failed = ""  # an epoch's logging that failed (it has no answer to carry it): close reports it
     while True:
