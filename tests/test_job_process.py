@@ -1,17 +1,20 @@
 """Train's MLflow run is kept by a process of its own (tracking.job_process): the stage process
-never loads MLflow, the child dies with the stage, and a store that does not answer is said
-before anything is trained. The child killed mid-training and a Ctrl-C to both are in
+never loads MLflow and the child never loads torch, the child dies with the stage, and a store
+that does not answer is said before anything is trained. The child killed mid-training and a Ctrl-C to both are in
 test_resume.py (they need its uninterrupted reference run)."""
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import gone_within
+from conftest import gone_within, run
 from cifarpipe.config import UserError
-from cifarpipe.tracking.job_process import JobProcess
+from cifarpipe.pipeline import train, trial
+from cifarpipe.tracking.job_process import JobProcess, Ready, RemoteRun
 
 
 def test_the_train_stage_process_imports_neither_mlflow_nor_pandas():
@@ -45,3 +48,43 @@ def test_a_store_that_does_not_answer_is_the_stages_error_before_training(tmp_pa
         assert tracker.proc.wait(timeout=60) == 0  # it said so and ended
     assert "the MLflow tracking store http://127.0.0.1:9 is unreachable" in str(error.value)
     assert "Nothing was trained" in str(error.value)
+
+
+class RecordingProcess:
+    """JobProcess's stage side, recording each request as the pipe would carry it (pickled)."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+
+    def ready(self) -> Ready:
+        return Ready("sqlite:///mlflow.db", 0.0)
+
+    def send(self, name: str, *args) -> None:
+        self.requests.append(pickle.dumps((name, args)))
+
+    def call(self, name: str, *args):
+        self.send(name, *args)
+        return "models:/m-0"
+
+    def open(self, *args) -> RemoteRun:
+        self.call("open", *args)
+        return RemoteRun(self, "0" * 32, None)
+
+
+def test_the_stages_requests_unpickle_without_torch(project, monkeypatch):
+    """The MLflow process must not import torch (1.5-4 s on 2 cores, right when the stage waits
+    for the run to open): a torch object anywhere in a request (torch.__version__ is one) would
+    make unpickling it import torch. Every request of a real training, unpickled in a fresh process."""
+    run(["dvc", "repro", "split"], project)
+    monkeypatch.chdir(project)
+    recorder = RecordingProcess()
+    assert train.main(trial.stage_paths(), Path("params.yaml"), "stages/train.py", [], recorder) == 0
+    names = [pickle.loads(r)[0] for r in recorder.requests]
+    assert names == ["open", "epoch_done", "epoch_done", "close"]
+    code = ("import pickle, sys\n"
+            "for request in pickle.load(sys.stdin.buffer):\n"
+            "    pickle.loads(request)\n"
+            "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(recorder.requests), capture_output=True,
+                         check=True).stdout
+    assert out.decode().strip() == "[]"

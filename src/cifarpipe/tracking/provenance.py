@@ -125,8 +125,9 @@ def requirements_text() -> str:
 def environment_tags(device_name: str) -> dict[str, str]:
     import torch
 
-    return {"device": device_name, "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda or "none", "host_platform": platform.platform()}
+    # str(): torch.__version__ is a TorchVersion; pickled for train's MLflow process, it made that process import torch
+    return {"device": device_name, "python": platform.python_version(), "torch": str(torch.__version__),
+            "cuda": str(torch.version.cuda or "none"), "host_platform": platform.platform()}
 
 
 def workspace_tags() -> dict[str, str]:
