@@ -170,10 +170,7 @@ def serve(requests: Connection, answers: Connection) -> int:
         answers.send(("user_error", str(e)))
         return 0
     answers.send(("ok", Ready(store.tracking_uri(), round(time.perf_counter() - t0, 3))))
-    # While the stage still loads its data and builds the model: the package list (0.3 s on 2 cores),
-    # which open uses, and torch (1.6 s), which logging the model at close needs (serving.pyfunc).
-    provenance.requirements_text()
-    import torch  # noqa: F401
+    provenance.requirements_text()  # read now (0.3 s), while the stage still loads its data; open uses it
     run: job.JobRun | None = None
     failed = ""  # an epoch's logging that failed (it has no answer to carry it): close reports it
     while True:
