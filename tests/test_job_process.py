@@ -1,6 +1,6 @@
 """Train's MLflow run is kept by a process of its own (tracking.job_process): the stage process
-never loads MLflow and the child never loads torch, the child dies with the stage, and a store
-that does not answer is said before anything is trained. The child killed mid-training and a Ctrl-C to both are in
+never loads MLflow, the child loads torch only where it logs the model (at close), the child dies
+with the stage, and a store that does not answer is said before anything is trained. The child killed mid-training and a Ctrl-C to both are in
 test_resume.py (they need its uninterrupted reference run)."""
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ class RecordingProcess:
 
 
 def test_the_stages_requests_unpickle_without_torch(project, monkeypatch):
-    """The MLflow process must not import torch (1.5-4 s on 2 cores, right when the stage waits
-    for the run to open): a torch object anywhere in a request (torch.__version__ is one) would
-    make unpickling it import torch. Every request of a real training, unpickled in a fresh process."""
+    """The MLflow process must not import torch to read a request (1.5-4 s on 2 cores; at open the
+    stage waits for it): a torch object anywhere in a request (torch.__version__ is one) would make
+    unpickling it import torch. Every request of a real training, unpickled in a fresh process."""
     run(["dvc", "repro", "split"], project)
     monkeypatch.chdir(project)
     recorder = RecordingProcess()
