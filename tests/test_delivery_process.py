@@ -33,20 +33,6 @@ def test_a_delivery_process_killed_leaves_the_evaluation_pending_and_the_next_re
     assert not (project / "outputs" / JOURNAL_NAME).exists()
 
 
-def test_the_delivery_process_exits_when_its_stage_is_killed(tmp_path):
-    """The stage starts the process before anything else; a stage SIGKILLed before it asks for the
-    delivery must not leave it waiting forever."""
-    code = ("import os, signal\n"
-            "from cifarpipe.tracking.delivery_process import DeliveryProcess\n"
-            "d = DeliveryProcess()\n"
-            "print(d.proc.pid, flush=True)\n"
-            "os.kill(os.getpid(), signal.SIGKILL)\n")
-    stage = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert stage.returncode == -9
-    assert gone_within(int(stage.stdout.split()[0]), 60)  # it imports MLflow first (seconds), then reads end-of-file
-    assert not (tmp_path / "mlflow.db").exists()  # it delivered nothing and made no store
-
-
 def test_the_delivery_process_dies_with_its_stage_also_after_the_request(tmp_path):
     """A stage killed once its request is sent: the delivery process must not go on delivering behind
     it (a rerun of the stage would deliver the same journal at the same time); the evaluation stays

@@ -27,16 +27,20 @@ def test_the_train_stage_process_imports_neither_mlflow_nor_pandas():
     assert out.strip() == "[]"
 
 
-def test_the_mlflow_process_exits_when_its_stage_is_killed(tmp_path):
-    """Started first thing by the stage; a stage SIGKILLed at once must not leave it behind."""
+@pytest.mark.parametrize("module, name", [("job_process", "JobProcess"), ("delivery_process", "DeliveryProcess")])
+def test_a_stages_mlflow_process_exits_when_the_stage_is_killed(tmp_path, module, name):
+    """Train's and evaluate's MLflow processes are started first thing by their stage; a stage
+    SIGKILLed at once must not leave them behind (tracking.child)."""
     code = ("import os, signal\n"
-            "from cifarpipe.tracking.job_process import JobProcess\n"
-            "p = JobProcess()\n"
+            f"from cifarpipe.tracking.{module} import {name}\n"
+            f"p = {name}()\n"
             "print(p.proc.pid, flush=True)\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
     stage = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert stage.returncode == -9
     assert gone_within(int(stage.stdout.split()[0]), 60)
+    if name == "DeliveryProcess":
+        assert not (tmp_path / "mlflow.db").exists()  # it delivered nothing and made no store
 
 
 def test_a_store_that_does_not_answer_is_the_stages_error_before_training(tmp_path, monkeypatch):
